@@ -1,0 +1,261 @@
+"""CaptioningModule: the LightningModule around the plain-PyTorch ``Captioner``.
+
+It owns training, validation and test steps, the metric keys (``train/loss``, ``val/bleu4``, ...),
+the optimiser and LR schedule, and keeps the word map in every checkpoint. The batch dict
+documented in ``captioner/data/dataset.py`` is its only contract with the data side.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from captioner.losses import caption_loss
+from captioner.metrics import CaptionAccumulator, topk_accuracy
+from captioner.models import AttentionLSTMDecoder, Captioner, ImageEncoder
+from captioner.models.decoder import load_glove_embeddings
+from captioner.vocab import WordMap
+
+DEFAULT_SEARCH = {"beam_size": 1, "max_len": 50, "length_penalty": 0.0}
+
+
+class CaptioningModule(L.LightningModule):
+    """Show, Attend and Tell training and evaluation.
+
+    Args:
+        vocab_size, pad_id, unk_id, start_id, end_id: from the word map (``WordMap.special_ids``).
+        encoder: keyword arguments of ``ImageEncoder`` (arch, encoded_image_size, pretrained, ...).
+        decoder: keyword arguments of ``AttentionLSTMDecoder`` other than vocab and encoder size.
+        fine_tune_encoder: train encoder stages ``>= encoder['fine_tune_from']``.
+        embeddings_path: GloVe-style word vectors to initialise the embedding (needs ``word_map``).
+        fine_tune_embeddings: keep training the embedding.
+        alpha_c: weight of the doubly stochastic attention penalty.
+        optimizer: a partial optimiser class taking parameter groups (default Adam).
+        decoder_lr, encoder_lr: learning rates of the two parameter groups.
+        lr_factor, lr_patience: multiply the LRs by ``lr_factor`` at the ``lr_patience``-th
+            validation without a ``val/bleu4`` improvement (and every ``lr_patience`` after).
+        val_search, test_search: ``beam_size``, ``max_len``, ``length_penalty`` used to generate
+            the captions that BLEU scores (validation is free-running, never teacher forced).
+        num_log_examples: val images whose captions are logged each validation.
+        image_mean, image_std: normalisation applied on the device to uint8 images.
+        data: small dict describing the data the model was trained on (name, fingerprint, ...).
+        word_map: the ``WordMap``; stored in every checkpoint and restored from it.
+        config: the resolved run config (plain dicts); stored in every checkpoint.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        unk_id: int,
+        start_id: int,
+        end_id: int,
+        encoder: dict[str, Any],
+        decoder: dict[str, Any],
+        fine_tune_encoder: bool = False,
+        embeddings_path: str | None = None,
+        fine_tune_embeddings: bool = True,
+        alpha_c: float = 1.0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        decoder_lr: float = 4e-4,
+        encoder_lr: float = 1e-4,
+        lr_factor: float = 0.8,
+        lr_patience: int = 8,
+        val_search: dict[str, Any] | None = None,
+        test_search: dict[str, Any] | None = None,
+        num_log_examples: int = 8,
+        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        image_std: Sequence[float] = (0.229, 0.224, 0.225),
+        data: dict[str, Any] | None = None,
+        word_map: WordMap | dict[str, int] | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "word_map", "config"])
+        if isinstance(word_map, dict):
+            word_map = WordMap.from_dict(word_map)
+        if word_map is not None and len(word_map) != vocab_size:
+            raise ValueError(f"word map has {len(word_map)} entries but vocab_size={vocab_size}")
+        self.word_map = word_map
+        self.config = config
+        self.optimizer_factory = optimizer
+        if lr_patience < 1:
+            raise ValueError(f"lr_patience must be >= 1, got {lr_patience}")
+
+        image_encoder = ImageEncoder(**{**encoder, "fine_tune": fine_tune_encoder})
+        embeddings = None
+        if embeddings_path and word_map is not None:
+            embeddings = load_glove_embeddings(embeddings_path, word_map.to_dict(),
+                                               decoder.get("embed_dim", 512))
+        text_decoder = AttentionLSTMDecoder(
+            vocab_size=vocab_size,
+            encoder_dim=image_encoder.encoder_dim,
+            pretrained_embeddings=embeddings,
+            fine_tune_embeddings=fine_tune_embeddings,
+            **decoder,
+        )
+        self.captioner = Captioner(image_encoder, text_decoder, pad_id=pad_id, start_id=start_id,
+                                   end_id=end_id, image_mean=image_mean, image_std=image_std)
+        self.val_search = {**DEFAULT_SEARCH, **(val_search or {})}
+        self.test_search = {**DEFAULT_SEARCH, "beam_size": 5, **(test_search or {})}
+        self._captions = CaptionAccumulator()
+        self._examples: dict[str, Any] | None = None
+        #: After ``trainer.test``: scores and the gathered captions of the whole split.
+        self.test_results: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _require_word_map(self) -> WordMap:
+        if self.word_map is None:
+            raise RuntimeError("CaptioningModule has no word map: pass word_map= or load a checkpoint")
+        return self.word_map
+
+    def _teacher_forced(self, batch: dict[str, Any]):
+        out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
+        losses = caption_loss(out.logits, out.targets, out.mask, out.alphas, self.hparams.alpha_c)
+        top5 = topk_accuracy(out.logits, out.targets, out.mask, k=5)
+        return losses, top5, int(out.mask.shape[0])
+
+    def generate_words(self, images: torch.Tensor, search: dict[str, Any]) -> list[list[str]]:
+        """Best caption per image as words, with the given search settings."""
+        word_map = self._require_word_map()
+        hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
+                                       length_penalty=search.get("length_penalty", 0.0))
+        return [word_map.decode(h[0].tokens) for h in hyps]
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses, top5, num_captions = self._teacher_forced(batch)
+        if not torch.isfinite(losses.loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({losses.loss.item()}) at epoch {self.current_epoch}, "
+                f"step {self.global_step}: cross-entropy {losses.cross_entropy.item()}, attention penalty "
+                f"{losses.attention_penalty.item()}. Training stopped; the best checkpoint is untouched. "
+                "Lower the learning rate, keep gradient clipping on, or use precision=32-true.")
+        self.log("train/loss", losses.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=num_captions)
+        self.log("train/top5", top5, on_step=True, on_epoch=True, batch_size=num_captions)
+        return losses.loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any]) -> None:
+        losses, top5, num_captions = self._teacher_forced(batch)
+        self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
+        self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
+        hypotheses = self.generate_words(batch["images"], search)
+        self._captions.update(batch["image_ids"], hypotheses, batch["references"])
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, float]:
+        scores = self._captions.compute()  # identical on every rank: gathered, de-duplicated
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", float(value), sync_dist=False)
+        return scores
+
+    def on_validation_epoch_start(self) -> None:
+        self._captions.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch_idx == 0 and self._examples is None and self.hparams.num_log_examples > 0:
+            n = self.hparams.num_log_examples
+            self._examples = {"images": batch["images"][:n].cpu(),
+                              "references": batch["references"][:n],
+                              "image_ids": batch["image_ids"][:n].tolist()}
+        self._eval_step(batch, "val", self.val_search)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+        self._captions.reset()
+        if not self.trainer.sanity_checking:
+            self._log_examples()
+
+    def on_test_epoch_start(self) -> None:
+        self._captions.reset()
+        self.test_results = None
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_search)
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._eval_epoch_end("test")
+        image_ids, hypotheses, references = self._captions.gather()
+        self.test_results = {"scores": scores, "image_ids": image_ids, "hypotheses": hypotheses,
+                             "references": references, "search": dict(self.test_search)}
+        self._captions.reset()
+
+    def _log_examples(self) -> None:
+        """Generated vs reference captions and one attention figure, on global rank 0."""
+        if self._examples is None or self.global_rank != 0:
+            return
+        tensorboards = [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards:
+            return
+        from captioner.visualize import attention_figure, caption_text_table
+
+        word_map = self._require_word_map()
+        images = self._examples["images"].to(self.device)
+        search = self.val_search
+        hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
+                                       length_penalty=search.get("length_penalty", 0.0))
+        rows = []
+        for image_id, hyp, refs in zip(self._examples["image_ids"], hyps, self._examples["references"]):
+            rows.append((str(image_id), " ".join(word_map.decode(hyp[0].tokens)), [" ".join(r) for r in refs]))
+        table = caption_text_table(rows)
+        best = hyps[0][0]
+        words = [word_map.word_of(t) for t in best.tokens] + (["<end>"] if best.finished else [])
+        image = self._examples["images"][0].permute(1, 2, 0).numpy()
+        figure = None
+        if best.alphas is not None and len(words) == best.alphas.shape[0]:
+            figure = attention_figure(image, words, best.alphas.cpu())
+        for logger in tensorboards:
+            logger.experiment.add_text("val/examples", table, self.global_step)
+            if figure is not None:
+                logger.experiment.add_figure("val/attention", figure, self.global_step, close=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decoder_params = [p for p in self.captioner.decoder.parameters() if p.requires_grad]
+        encoder_params = [p for p in self.captioner.encoder.parameters() if p.requires_grad]
+        groups = [{"params": decoder_params, "lr": self.hparams.decoder_lr, "name": "decoder"}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": self.hparams.encoder_lr, "name": "encoder"})
+        factory = self.optimizer_factory or torch.optim.Adam
+        optimizer = factory(groups)
+        # ReduceLROnPlateau reduces once num_bad_epochs > patience: patience - 1 makes the
+        # reduction happen at the lr_patience-th bad validation, as in the tutorial.
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience - 1)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch",
+                                 "frequency": 1, "strict": True}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        word_map = self._require_word_map()
+        checkpoint["word_map"] = word_map.to_dict()
+        checkpoint["data_fingerprint"] = (self.hparams.data or {}).get("fingerprint")
+        checkpoint["config"] = self.config
+        # The weights are in the state dict: rebuilding from this checkpoint never needs the
+        # ImageNet download or the embeddings file again.
+        hparams = copy.deepcopy(dict(checkpoint.get("hyper_parameters", {})))
+        if "encoder" in hparams:
+            hparams["encoder"] = {**hparams["encoder"], "pretrained": False, "weights_path": None}
+        hparams["embeddings_path"] = None
+        checkpoint["hyper_parameters"] = hparams
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "word_map" not in checkpoint:
+            raise ValueError("checkpoint has no word map: it was not written by captioner "
+                             "(convert tutorial checkpoints with python -m captioner.convert_tutorial)")
+        stored = WordMap.from_dict(checkpoint["word_map"])
+        if self.word_map is not None and stored != self.word_map:
+            raise ValueError(
+                f"the checkpoint's word map ({len(stored)} words, fingerprint {stored.fingerprint()}) differs "
+                f"from the data's word map ({len(self.word_map)} words, fingerprint {self.word_map.fingerprint()}): "
+                "the model would emit the wrong words. Use the data the checkpoint was trained on "
+                "(same dataset, captions_per_image and min_word_freq).")
+        self.word_map = stored
+        self.config = checkpoint.get("config")
+

@@ -1,0 +1,244 @@
+"""train(cfg) / evaluate(cfg): build everything from a Hydra config and run it.
+
+The only module that touches Hydra. It resolves values that depend on other values (the vocabulary
+size and special-token ids come from the prepared word map) and passes them to ``instantiate``
+as keyword arguments; nothing mutates the config afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from captioner.lit_module import CaptioningModule
+from captioner.vocab import WordMap, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------------- paths
+def output_dir(cfg: DictConfig) -> Path:
+    """The run folder: Hydra's when running under Hydra, else ``cfg.paths.output_dir``."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+@rank_zero_only
+def point_latest(run_dir: Path, task_root: Path) -> None:
+    """Make ``task_root/latest`` a symlink to ``run_dir`` (atomically replaced)."""
+    task_root.mkdir(parents=True, exist_ok=True)
+    link = task_root / LATEST
+    tmp = task_root / f".{LATEST}.{os.getpid()}"
+    target = os.path.relpath(run_dir.resolve(), task_root.resolve())
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def latest_run(output_root: str | os.PathLike, task_name: str = "train") -> Path:
+    link = Path(output_root) / task_name / LATEST
+    if not link.exists():
+        raise FileNotFoundError(
+            f"no training run found: {link} does not exist. Train first (python train.py "
+            "experiment=quickstart) or pass ckpt_path=path/to/checkpoint.ckpt")
+    return link.resolve()
+
+
+def find_last_checkpoint(output_root: str | os.PathLike, task_name: str = "train") -> Path | None:
+    """The newest ``checkpoints/last.ckpt`` of any run of ``task_name`` (for auto-resume)."""
+    candidates = list((Path(output_root) / task_name).glob("*/checkpoints/last.ckpt"))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A captioner checkpoint as a dict, loaded with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------- building
+def _plain(cfg: DictConfig | None) -> Any:
+    return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = []
+    for name, conf in (cfg.get("callbacks") or {}).items():
+        if conf is not None and "_target_" in conf:
+            callbacks.append(instantiate(conf))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list | bool:
+    loggers = [instantiate(conf) for conf in (cfg.get("logger") or {}).values()
+               if conf is not None and "_target_" in conf]
+    return loggers or False
+
+
+def data_info(datamodule, word_map: WordMap) -> dict[str, Any]:
+    return {"name": datamodule.data_name,
+            "fingerprint": getattr(datamodule, "fingerprint", None) or word_map.fingerprint(),
+            "word_map_fingerprint": word_map.fingerprint()}
+
+
+def build_model(cfg: DictConfig, word_map: WordMap, datamodule) -> CaptioningModule:
+    return instantiate(cfg.model, vocab_size=len(word_map), **word_map.special_ids, word_map=word_map,
+                       data=data_info(datamodule, word_map), config=_plain(cfg), _convert_="all")
+
+
+def load_weights(model: CaptioningModule, path: str | os.PathLike) -> None:
+    """``init_from``: copy a checkpoint's weights into ``model``; optimiser and loop start fresh."""
+    checkpoint = load_checkpoint(path)
+    if "word_map" in checkpoint and WordMap.from_dict(checkpoint["word_map"]) != model.word_map:
+        raise ValueError(f"init_from={path}: its word map differs from this run's data; "
+                         "initialise only from a model trained on the same word map")
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("Initialised weights from %s", path)
+
+
+# ---------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = output_dir(cfg)
+    point_latest(run_dir, Path(cfg.paths.output_root) / cfg.task_name)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    # Idempotent and lock-protected, so every rank may call it; the word map is needed to
+    # build the model before the Trainer exists.
+    datamodule.prepare_data()
+    word_map = datamodule.word_map
+    model = build_model(cfg, word_map, datamodule)
+    if cfg.get("init_from"):
+        load_weights(model, cfg.init_from)
+
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg))
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and cfg.get("auto_resume"):
+        found = find_last_checkpoint(cfg.paths.output_root, cfg.task_name)
+        ckpt_path = str(found) if found else None
+        log.info("auto_resume: %s", ckpt_path or "no last.ckpt found, starting fresh")
+
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    checkpoint_cb = trainer.checkpoint_callback
+    best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
+    if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
+        metrics["val/best_bleu4"] = float(checkpoint_cb.best_model_score)
+    metrics["fit_seconds"] = time.perf_counter() - started
+
+    if cfg.get("test_after_fit") and not trainer.fast_dev_run:
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("test/") and v.numel() == 1})
+        report_test(model, cfg.get("num_print_examples", 5))
+    elif cfg.get("test_after_fit") and trainer.fast_dev_run:
+        trainer.test(model, datamodule=datamodule)
+    write_metrics(run_dir / "metrics.json", metrics, best_checkpoint=best)
+    return metrics
+
+
+@rank_zero_only
+def write_metrics(path: Path, metrics: dict[str, float], **extra: Any) -> None:
+    write_json_atomic(path, {"metrics": metrics, **extra})
+
+
+@rank_zero_only
+def report_test(model: CaptioningModule, num_examples: int) -> None:
+    results = model.test_results
+    if not results:
+        return
+    search = results["search"]
+    print(f"\nTest split, beam {search['beam_size']}: {len(results['image_ids'])} images")
+    print("  " + "  ".join(f"{k.upper()} {v:.4f}" for k, v in results["scores"].items()))
+    for image_id, hyp, refs in list(zip(results["image_ids"], results["hypotheses"],
+                                        results["references"]))[:num_examples]:
+        print(f"  [{image_id}] {' '.join(hyp)}\n        ref: {' '.join(refs[0])}")
+
+
+# ---------------------------------------------------------------------- evaluate
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path)
+    run = latest_run(cfg.paths.output_root, "train")
+    best = run / "checkpoints" / "best.ckpt"
+    if best.is_file():
+        return best
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.warning("%s has no best.ckpt; using last.ckpt", run)
+        return last
+    raise FileNotFoundError(f"the latest run {run} has no checkpoints/best.ckpt or last.ckpt; "
+                            "pass ckpt_path=... explicitly")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score a checkpoint on a split with beam search: nltk BLEU and the COCO scorers."""
+    from captioner.metrics import coco_scores
+
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_checkpoint(cfg)
+    print(f"Evaluating {ckpt_path} on the {cfg.split} split with beam size {cfg.beam}")
+    checkpoint = load_checkpoint(ckpt_path)
+    trained_cfg = checkpoint.get("config") or {}
+    if "data" not in trained_cfg:
+        raise ValueError(f"{ckpt_path} stores no data config; pass data._target_ and the data settings "
+                         "explicitly (see conf/data/*.yaml)")
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), cfg.get("data") or {})
+    datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
+    datamodule.prepare_data()
+    search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}
+    model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True,
+                                                  word_map=datamodule.word_map, test_search=search)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], _convert_="all")
+    datamodule.setup("test" if cfg.split == "test" else "validate")
+    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    started = time.perf_counter()
+    trainer.test(model, dataloaders=loader)
+    seconds = time.perf_counter() - started
+    results = model.test_results
+    assert results is not None
+
+    metrics: dict[str, Any] = {f"bleu{n}_nltk": results["scores"][f"bleu{n}"] for n in range(1, 5)}
+    captions = [{"image_id": int(i), "caption": " ".join(h)}
+                for i, h in zip(results["image_ids"], results["hypotheses"])]
+    if cfg.coco_metrics and trainer.is_global_zero:
+        raw = datamodule.raw_references(cfg.split)
+        coco = coco_scores({i: raw[i] for i in results["image_ids"]},
+                           {c["image_id"]: c["caption"] for c in captions}, spice=cfg.spice)
+        metrics.update({f"coco_{k}": v for k, v in coco.items()})
+    out = output_dir(cfg)
+    summary = {"metrics": metrics, "checkpoint": str(ckpt_path), "split": cfg.split, "search": search,
+               "num_images": len(captions), "seconds": seconds, "images_per_second": len(captions) / seconds,
+               "config": _plain(cfg)}
+    if trainer.is_global_zero:
+        write_json_atomic(out / "results.json", summary)
+        write_json_atomic(out / f"captions_{cfg.split}_beam{cfg.beam}.json", captions)
+        print_table(metrics, cfg.split, cfg.beam, len(captions), seconds)
+        print(f"Wrote {out / 'results.json'} and {out / f'captions_{cfg.split}_beam{cfg.beam}.json'}")
+    return summary
+
+
+def print_table(metrics: dict[str, Any], split: str, beam: int, num_images: int, seconds: float) -> None:
+    print(f"\n{split} split, beam {beam}, {num_images} images, {num_images / seconds:.1f} images/s")
+    width = max(len(k) for k in metrics)
+    for name, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"  {name:<{width}}  {shown}")
