@@ -1,0 +1,1 @@
+"""Data: Karpathy JSON reading, preprocessing to HDF5, the built-in shapes dataset, loaders."""
