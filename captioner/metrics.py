@@ -48,7 +48,8 @@ def corpus_bleu_scores(references: Sequence[Sequence[Sequence[str]]],
 
     Uses ``nltk.translate.bleu_score.corpus_bleu`` with the weights in ``BLEU_WEIGHTS``
     and no smoothing, so the numbers equal nltk's on the same tokens. nltk's warning
-    about zero n-gram overlaps is silenced: BLEU-n is then simply 0.
+    about zero n-gram overlaps is silenced: BLEU-n is then nltk's stand-in for zero, a
+    positive number below 1e-70 (it uses ``sys.float_info.min`` for the empty precision).
 
     Args:
         references: N lists of reference captions, each a list of tokens (no special
