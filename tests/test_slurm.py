@@ -31,14 +31,21 @@ MEMBER_RE = re.compile(r"GLOBAL_RANK: (\d+), MEMBER: (\d+)/(\d+)")
 TINY_TRAIN = [
     "experiment=quickstart",
     "data.synthetic.num_train=64",
+    "data.synthetic.num_val=8",
+    "data.synthetic.num_test=8",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.persistent_workers=false",
+    "data.pin_memory=false",
     "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
+    "++trainer.limit_train_batches=2",
+    "++trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",
-    "test_after_fit=false",
     "trainer.accelerator=cpu",
     "trainer.precision=32-true",
     "trainer.benchmark=false",
+    "test_after_fit=false",
+    "logger=csv",
 ]
 
 
