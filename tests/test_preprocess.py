@@ -1,0 +1,364 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.data.karpathy import read_karpathy
+from captioner.data.preprocess import (create_input_files, data_name, load_image, main,
+                                       split_files, word_map_file)
+from captioner.vocab import UNK, WordMap
+
+S = 16  # image side in these tests
+SPLIT_OF = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+WORDS = ["a", "dog", "cat", "runs", "on", "grass", "red", "ball", "big", "small"]
+
+
+def make_dataset(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Ten small images (one grayscale JPEG, one palette PNG) and a Karpathy JSON.
+
+    Images have 1..6 captions; image #3 also has a caption longer than max_len=8.
+    """
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    folder = root / "images"
+    (folder / "sub").mkdir(parents=True)
+    entries = []
+    for i, split in enumerate(SPLIT_OF):
+        coarse = nprng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((25 + i, 20 + 2 * i), Image.Resampling.BILINEAR)
+        filename = f"{i}.jpg"
+        if i == 1:
+            img = img.convert("L")
+        if i == 2:
+            img, filename = img.convert("P"), f"{i}.png"
+        img.save(folder / "sub" / filename)
+        sentences = []
+        for _ in range(1 + i % 6):
+            tokens = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+            sentences.append({"tokens": tokens, "raw": " ".join(tokens).capitalize() + "."})
+        if i == 3:
+            sentences.append({"tokens": ["a"] * 9, "raw": "long"})
+        entries.append({"filepath": "sub", "filename": filename, "imgid": i, "cocoid": 100 + i,
+                        "split": split, "sentences": sentences})
+    json_path = root / "dataset_tiny.json"
+    json_path.write_text(json.dumps({"dataset": "tiny", "images": entries}))
+    return json_path, folder
+
+
+@pytest.fixture
+def raw(tmp_path):
+    return make_dataset(tmp_path / "raw")
+
+
+def run(raw, out: Path, **kwargs):
+    json_path, folder = raw
+    settings = dict(captions_per_image=3, min_word_freq=1, max_len=8, image_size=S,
+                    num_workers=0, progress=False)
+    settings.update(kwargs)
+    return create_input_files("tiny", json_path, folder, output_folder=out, **settings)
+
+
+def load_split(out: Path, name: str, split: str):
+    files = split_files(out, name, split)
+    with h5py.File(files.images, "r") as h:
+        images, attrs = h["images"][:], dict(h.attrs)
+    captions = json.loads(files.captions.read_text())
+    caplens = json.loads(files.caplens.read_text())
+    references = json.loads(files.references.read_text())
+    return images, attrs, captions, caplens, references
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+
+
+def test_rows_padded_and_counted(raw, tmp_path):
+    result = run(raw, tmp_path / "out")
+    wm = WordMap.load(result.word_map_path)
+    assert result.num_images == {"train": 6, "val": 2, "test": 2} and not result.noop
+    for split in ("train", "val", "test"):
+        images, attrs, captions, caplens, refs = load_split(tmp_path / "out", result.data_name, split)
+        assert images.dtype == np.uint8 and images.shape == (result.num_images[split], 3, S, S)
+        assert attrs["captions_per_image"] == 3 and attrs["complete"] and attrs["image_size"] == S
+        assert len(captions) == len(caplens) == 3 * len(images) == 3 * len(refs["image_ids"])
+        for row, length in zip(captions, caplens):
+            assert len(row) == 8 + 2
+            assert row[0] == wm.start_id and row[length - 1] == wm.end_id
+            assert all(t == wm.pad_id for t in row[length:])
+            assert wm.end_id not in row[1:length - 1] and wm.pad_id not in row[:length]
+
+
+def test_sampling_matches_the_tutorial(raw, tmp_path):
+    """Re-implements the tutorial's create_input_files caption loop (seed 123, choice/sample)."""
+    result = run(raw, tmp_path / "out")
+    wm = WordMap.load(result.word_map_path)
+    images = read_karpathy(*raw)
+    rng = random.Random(123)  # the tutorial calls random.seed(123): the same stream
+    for split in ("train", "val", "test"):
+        expected_rows, expected_lens = [], []
+        for image in (im for im in images if im.split == split):
+            caps = [t for t in image.tokens if len(t) <= 8]
+            if len(caps) < 3:
+                caps = caps + [rng.choice(caps) for _ in range(3 - len(caps))]
+            else:
+                caps = rng.sample(caps, k=3)
+            for c in caps:
+                expected_rows.append([wm.start_id] + [wm.to_dict().get(w, wm.unk_id) for w in c]
+                                     + [wm.end_id] + [wm.pad_id] * (8 - len(c)))
+                expected_lens.append(len(c) + 2)
+        _, _, captions, caplens, _ = load_split(tmp_path / "out", result.data_name, split)
+        assert captions == expected_rows and caplens == expected_lens
+
+
+def test_cpi_with_and_without_replacement(raw, tmp_path):
+    result = run(raw, tmp_path / "out")
+    wm = WordMap.load(result.word_map_path)
+    images = [im for im in read_karpathy(*raw) if im.split == "train"]
+    _, _, captions, _, refs = load_split(tmp_path / "out", result.data_name, "train")
+    for i, image in enumerate(images):
+        rows = [tuple(wm.decode(r)) for r in captions[3 * i:3 * i + 3]]
+        usable = [tuple(t) for t in image.tokens if len(t) <= 8]
+        assert set(rows) <= set(usable)  # the too-long caption of image #3 never appears
+        if len(usable) >= 3:
+            positions = [usable.index(r) for r in rows]  # captions of an image are distinct here
+            assert len(set(positions)) == 3  # without replacement
+        else:
+            assert set(rows) == set(usable)  # every caption, then repeats
+    again = run(raw, tmp_path / "again")
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "again")
+    other_seed = run(raw, tmp_path / "seed7", seed=7)
+    _, _, other, _, _ = load_split(tmp_path / "seed7", other_seed.data_name, "train")
+    assert other != captions and sorted(map(tuple, other)) != sorted(map(tuple, captions))
+    assert again.fingerprint == result.fingerprint != other_seed.fingerprint
+
+
+def test_tutorial_caption_dataset_indexing(raw, tmp_path):
+    """The tutorial's CaptionDataset.__getitem__ reads our files correctly."""
+    result = run(raw, tmp_path / "out")
+    wm = WordMap.load(result.word_map_path)
+    for split in ("TRAIN", "VAL"):
+        name = result.data_name
+        h = h5py.File(tmp_path / "out" / f"{split}_IMAGES_{name}.hdf5", "r")
+        imgs, cpi = h["images"], h.attrs["captions_per_image"]
+        captions = json.loads((tmp_path / "out" / f"{split}_CAPTIONS_{name}.json").read_text())
+        caplens = json.loads((tmp_path / "out" / f"{split}_CAPLENS_{name}.json").read_text())
+        refs = json.loads((tmp_path / "out" / f"{split}_REFERENCES_{name}.json").read_text())
+        for i in range(len(captions)):
+            img = imgs[i // cpi] / 255.0
+            caption, caplen = captions[i], caplens[i]
+            np.testing.assert_array_equal(img * 255.0, load_image(refs["paths"][i // cpi], S))
+            words = wm.decode(caption)
+            assert len(words) + 2 == caplen
+            known = [[w if w in wm else UNK for w in t] for t in refs["tokens"][i // cpi]]
+            assert words in known
+            if split != "TRAIN":
+                start = (i // cpi) * cpi
+                all_captions = captions[start:start + cpi]
+                assert caption in all_captions and len(all_captions) == cpi
+        h.close()
+        assert refs["image_ids"] == [100 + k for k, s in enumerate(SPLIT_OF) if s == split.lower()]
+    val_refs = json.loads(split_files(tmp_path / "out", name, "val").references.read_text())
+    entries = json.loads(raw[0].read_text())["images"]
+    assert val_refs["raw"] == [[s["raw"] for s in e["sentences"]] for e in entries[6:8]]
+
+
+def test_rerun_is_noop_and_settings_change_needs_overwrite(raw, tmp_path):
+    out = tmp_path / "out"
+    first = run(raw, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = run(raw, out)
+    assert second.noop and second.num_images == first.num_images
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    with pytest.raises(ValueError, match="overwrite=True"):
+        run(raw, out, max_len=7)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    rebuilt = run(raw, out, max_len=7, overwrite=True)
+    assert not rebuilt.noop and rebuilt.fingerprint != first.fingerprint
+    _, attrs, captions, _, _ = load_split(out, first.data_name, "train")
+    assert attrs["fingerprint"] == rebuilt.fingerprint and all(len(r) == 9 for r in captions)
+    assert run(raw, out, max_len=7).noop
+
+
+def test_concurrent_calls_serialise_and_later_ones_are_noops(raw, tmp_path):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run(raw, tmp_path / "out")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.noop for r in results) == [False, True, True]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import captioner.data.preprocess as pp
+    hook, ready, json_path, folder, out = sys.argv[1:]
+
+    def pause():
+        Path(ready).touch()
+        time.sleep(120)
+
+    if hook == "decode":
+        decode, calls = pp._decode_task, []
+        def slow_decode(task):
+            calls.append(task)
+            if len(calls) == 3:
+                pause()
+            return decode(task)
+        pp._decode_task = slow_decode
+    else:
+        write = pp.write_json_atomic
+        def slow_write(path, obj):
+            write(path, obj)
+            pause()
+        pp.write_json_atomic = slow_write
+    pp.create_input_files("tiny", json_path, folder, captions_per_image=3, min_word_freq=1,
+                          output_folder=out, max_len=8, image_size=16, num_workers=0,
+                          progress=False)
+""")
+
+
+@pytest.mark.parametrize("hook", ["decode", "commit"])
+def test_sigkill_mid_write_then_rerun_gives_complete_files(raw, tmp_path, hook):
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, hook, str(ready), str(raw[0]),
+                             str(raw[1]), str(out)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, "preprocess subprocess exited before the pause"
+            assert time.monotonic() < deadline, "preprocess subprocess never reached the pause"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    name = data_name("tiny", 3, 1)
+    assert not any(split_files(out, name, s).images.exists() for s in ("train", "val", "test"))
+    assert any(p.suffix == ".tmp" for p in out.iterdir())  # killed mid-write
+    result = run(raw, out)
+    assert not result.noop and result.num_images == {"train": 6, "val": 2, "test": 2}
+    assert not any(p.suffix == ".tmp" for p in out.iterdir())
+    clean = run(raw, tmp_path / "clean")
+    assert output_bytes(out) == output_bytes(tmp_path / "clean")
+
+
+def _break(raw, kind: str) -> Path:
+    """Damage image #7 (val) in place; returns its path."""
+    path = raw[1] / "sub" / "7.jpg"
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_text("this is not an image\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "text"])
+def test_bad_image_errors_naming_file_and_entry_and_leaves_nothing(raw, tmp_path, kind):
+    path = _break(raw, kind)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as err:
+        run(raw, out)
+    message = str(err.value)
+    assert str(path) in message and "image #7" in message and "id 107" in message
+    assert "'val'" in message and "skip_bad_images" in message
+    assert [p.name for p in out.iterdir()] == [".preprocess.lock"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "text"])
+def test_skip_bad_images_drops_them(raw, tmp_path, kind, caplog):
+    path = _break(raw, kind)
+    out = tmp_path / "out"
+    result = run(raw, out, skip_bad_images=True)
+    assert result.num_images == {"train": 6, "val": 1, "test": 2}
+    assert [(s.path, s.image_id, s.split) for s in result.skipped] == [(str(path), 107, "val")]
+    assert "skipped 1 bad image" in caplog.text and str(path) in caplog.text
+    images, _, captions, caplens, refs = load_split(out, result.data_name, "val")
+    assert images.shape[0] == 1 and len(captions) == len(caplens) == 3
+    assert refs["image_ids"] == [106]
+    np.testing.assert_array_equal(images[0], load_image(refs["paths"][0], S))
+    again = run(raw, out, skip_bad_images=True)
+    assert again.noop and again.skipped == result.skipped
+
+
+def test_image_without_short_caption(raw, tmp_path):
+    with pytest.raises(ValueError, match=r"image #0 \('0.jpg'.*max_len=1"):
+        run(raw, tmp_path / "out", max_len=1)
+    result = run(raw, tmp_path / "out", max_len=2, skip_bad_images=True)
+    kept = sum(result.num_images.values())
+    assert kept + len(result.skipped) == 10 and all("max_len=2" in s.reason for s in result.skipped)
+
+
+def test_workers_give_byte_identical_output(raw, tmp_path):
+    run(raw, tmp_path / "w0", num_workers=0)
+    run(raw, tmp_path / "w2", num_workers=2)
+    assert output_bytes(tmp_path / "w0") == output_bytes(tmp_path / "w2")
+
+
+def _save(img: Image.Image, path: Path, **kwargs) -> Path:
+    img.save(path, **kwargs)
+    return path
+
+
+def test_colour_modes_convert_to_correct_rgb(tmp_path):
+    size = (4, 4)  # load_image(path, 4) then does not resample
+    gray = _save(Image.new("L", size, 100), tmp_path / "gray.png")
+    cmyk = _save(Image.new("CMYK", size, (0, 255, 0, 0)), tmp_path / "cmyk.tif")
+    rgba = _save(Image.new("RGBA", size, (10, 20, 30, 0)), tmp_path / "rgba.png")
+    palette = Image.new("P", size, 0)
+    palette.putpalette([200, 10, 10, 5, 250, 5] + [0] * 762)
+    palette.putpixel((3, 0), 1)
+    pal = _save(palette, tmp_path / "pal.png", transparency=0)
+    deep = Image.fromarray(np.array([[0, 257 * 100, 65535, 65535]] * 4, dtype=np.uint16))
+    deep16 = _save(deep, tmp_path / "deep.png")
+    assert Image.open(deep16).mode.startswith("I") and Image.open(pal).info.get("transparency") == 0
+
+    def pixels(path):
+        out = load_image(path, 4)
+        assert out.shape == (3, 4, 4) and out.dtype == np.uint8
+        return out.transpose(1, 2, 0)  # (H, W, 3)
+
+    assert (pixels(gray) == 100).all()
+    assert (pixels(cmyk) == (255, 0, 255)).all()
+    assert (pixels(rgba) == (10, 20, 30)).all()  # alpha dropped, stored colour kept
+    assert tuple(pixels(pal)[0, 3]) == (5, 250, 5) and tuple(pixels(pal)[2, 1]) == (200, 10, 10)
+    assert [tuple(p) for p in pixels(deep16)[1]] == [(0, 0, 0), (100,) * 3, (255,) * 3, (255,) * 3]
+
+
+def test_jpeg_colour_modes_and_draft(tmp_path):
+    gray = _save(Image.new("L", (40, 40), 128), tmp_path / "gray.jpg")
+    cmyk = _save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), tmp_path / "cmyk.jpg")
+    assert np.abs(load_image(gray, 8).astype(int) - 128).max() <= 2
+    assert np.abs(load_image(cmyk, 8).transpose(1, 2, 0).astype(int) - (255, 0, 0)).max() <= 6
+    # draft decoding at reduced scale stays close to a full decode + resize
+    yy, xx = np.mgrid[0:256, 0:256]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], axis=-1).astype(np.uint8)
+    path = _save(Image.fromarray(smooth), tmp_path / "smooth.jpg", quality=95)
+    full = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(load_image(path, 64).transpose(1, 2, 0).astype(int) - full).mean() < 2
+
+
+def test_cli_writes_the_same_files(raw, tmp_path):
+    run(raw, tmp_path / "api")
+    result = main(["--dataset", "tiny", "--karpathy_json_path", str(raw[0]), "--image_folder",
+                   str(raw[1]), "--output_folder", str(tmp_path / "cli"), "--captions_per_image", "3",
+                   "--min_word_freq", "1", "--max_len", "8", "--image_size", str(S),
+                   "--num_workers", "0", "--no_progress"])
+    assert result.word_map_path == word_map_file(tmp_path / "cli", result.data_name)
+    assert output_bytes(tmp_path / "api") == output_bytes(tmp_path / "cli")
