@@ -1,0 +1,265 @@
+"""AttentionLSTMDecoder: the LSTM with soft attention and a gating scalar (Xu et al. 2015).
+
+Legend: B batch (images), N caption rows (B * captions_per_image), P regions (enc_size^2),
+D encoder channels, H decoder hidden, E embedding, A attention, T tokens incl. start/end,
+L = max(lengths) - 1 predicted positions, V vocabulary.
+
+Parameter names are the tutorial's ``DecoderWithAttention`` (``attention``, ``embedding``,
+``dropout``, ``decode_step``, ``init_h``, ``init_c``, ``f_beta``, ``sigmoid``, ``fc``), so its
+decoder state dicts load here with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from captioner.models.attention import AdditiveAttention
+
+log = logging.getLogger(__name__)
+
+
+class DecoderState(NamedTuple):
+    h: Tensor  # (N, H)
+    c: Tensor  # (N, H)
+
+
+class StepOutput(NamedTuple):
+    logits: Tensor  # (N, V)
+    state: DecoderState
+    alpha: Tensor  # (N, P)
+
+
+class DecoderOutput(NamedTuple):
+    logits: Tensor  # (N, L, V), exactly 0 at t >= lengths[n] - 1
+    alphas: Tensor  # (N, L, P), exactly 0 at t >= lengths[n] - 1
+
+
+class AttentionLSTMDecoder(nn.Module):
+    """Decode captions from region features, one token at a time.
+
+    Args:
+        vocab_size: V.
+        embed_dim: E, word embedding size.
+        decoder_dim: H, LSTM hidden size.
+        attention_dim: A, attention projection size.
+        encoder_dim: D, channels of the region features.
+        dropout: dropout on the hidden state before ``fc``.
+        pretrained_embeddings: optional (V, E) tensor (e.g. from :func:`load_glove_embeddings`)
+            copied into ``embedding.weight``.
+        fine_tune_embeddings: False freezes the embedding weights.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 512, decoder_dim: int = 512,
+                 attention_dim: int = 512, encoder_dim: int = 2048, dropout: float = 0.5,
+                 pretrained_embeddings: Tensor | None = None, fine_tune_embeddings: bool = True):
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"AttentionLSTMDecoder vocab_size={vocab_size}; must be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"AttentionLSTMDecoder dropout={dropout}; must be in [0, 1)")
+        self.vocab_size = vocab_size
+        self.embed_dim = embed_dim
+        self.decoder_dim = decoder_dim
+        self.attention_dim = attention_dim
+        self.encoder_dim = encoder_dim
+
+        self.attention = AdditiveAttention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim, bias=True)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate on the context (eq. 4.2.1)
+        self.sigmoid = nn.Sigmoid()
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.reset_parameters()
+        if pretrained_embeddings is not None:
+            self.load_embeddings(pretrained_embeddings)
+        self.embedding.weight.requires_grad_(fine_tune_embeddings)
+
+    def reset_parameters(self) -> None:
+        """The tutorial's init: embedding and fc weights U(-0.1, 0.1), fc bias 0."""
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def load_embeddings(self, embeddings: Tensor) -> None:
+        """Copy a (V, E) tensor into ``embedding.weight``."""
+        expected = (self.vocab_size, self.embed_dim)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"pretrained_embeddings has shape {tuple(embeddings.shape)}, "
+                             f"expected (vocab_size, embed_dim) = {expected}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(embeddings)
+
+    # ------------------------------------------------------------------ one step
+    def init_state(self, features: Tensor) -> DecoderState:
+        """Initial LSTM state from the mean region feature (no tanh, as in the tutorial).
+
+        Args:
+            features: (B, P, D).
+
+        Returns:
+            DecoderState with h, c each (B, H).
+        """
+        mean = features.mean(dim=1)  # (B, D)
+        return DecoderState(self.init_h(mean), self.init_c(mean))
+
+    def project(self, features: Tensor) -> Tensor:
+        """(B, P, D) -> (B, P, A): the attention's per-image projection, computed once."""
+        return self.attention.project(features)
+
+    def _advance(self, embedded: Tensor, state: DecoderState, features: Tensor,
+                 projected: Tensor) -> StepOutput:
+        """One step from an embedded token (N, E); shared by :meth:`step` and :meth:`forward`."""
+        context, alpha = self.attention(features, projected, state.h)
+        context = self.sigmoid(self.f_beta(state.h)) * context  # (N, D)
+        h, c = self.decode_step(torch.cat([embedded, context], dim=1), (state.h, state.c))
+        logits = self.fc(self.dropout(h))
+        return StepOutput(logits, DecoderState(h, c), alpha)
+
+    def step(self, tokens: Tensor, state: DecoderState, features: Tensor,
+             projected: Tensor) -> StepOutput:
+        """Advance the decoder by one token.
+
+        Args:
+            tokens: (N,) int64, the previous token of each row.
+            state: DecoderState, h and c each (N, H).
+            features: (N, P, D) region features of each row's image.
+            projected: (N, P, A) from :meth:`project` on those features.
+
+        Returns:
+            StepOutput with logits (N, V), the next state, and alpha (N, P).
+        """
+        return self._advance(self.embedding(tokens), state, features, projected)
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor,
+                captions_per_image: int = 1) -> DecoderOutput:
+        """Teacher-forced decoding: feed tokens 0..len-2, predict tokens 1..len-1.
+
+        Rows are sorted by length internally so no step computes on padding (the active
+        batch shrinks as captions end); outputs come back in the caller's row order.
+
+        Args:
+            features: (B, P, D) region features.
+            captions: (N, T) int64, N = B * captions_per_image; row n belongs to image
+                n // captions_per_image. Each row starts with <start>.
+            lengths: (N,) int64 caption lengths incl. <start>/<end>, 2 <= lengths <= T.
+            captions_per_image: k, caption rows per image.
+
+        Returns:
+            DecoderOutput with logits (N, L, V) and alphas (N, L, P), L = max(lengths) - 1,
+            exactly 0 at positions t >= lengths[n] - 1.
+        """
+        if features.dim() != 3:
+            raise ValueError(f"features must be (B, P, D), got {tuple(features.shape)}")
+        if captions.dim() != 2:
+            raise ValueError(f"captions must be (N, T), got {tuple(captions.shape)}")
+        num_rows, num_tokens = captions.shape
+        if tuple(lengths.shape) != (num_rows,):
+            raise ValueError(f"lengths must be (N,) = ({num_rows},), got {tuple(lengths.shape)}")
+        if num_rows != features.size(0) * captions_per_image:
+            raise ValueError(f"captions has {num_rows} rows but features has {features.size(0)} "
+                             f"images x captions_per_image={captions_per_image}")
+        decode_lengths = (lengths - 1).tolist()  # one host sync: per-step batch sizes
+        if min(decode_lengths) < 1 or max(decode_lengths) > num_tokens - 1:
+            raise ValueError(f"lengths must lie in 2..T={num_tokens} (<start> .. <end>), got "
+                             f"min {min(decode_lengths) + 1}, max {max(decode_lengths) + 1}")
+        max_steps = max(decode_lengths)
+
+        # Per-image work once, then one copy per caption row.
+        projected = self.project(features)
+        h, c = self.init_state(features)
+        if captions_per_image > 1:
+            features, projected, h, c = (x.repeat_interleave(captions_per_image, dim=0)
+                                         for x in (features, projected, h, c))
+
+        order = sorted(range(num_rows), key=lambda n: -decode_lengths[n])  # stable, longest first
+        active = [sum(1 for d in decode_lengths if d > t) for t in range(max_steps)]
+        order_t = torch.tensor(order, device=captions.device)
+        features, projected, h, c, captions = (x.index_select(0, order_t)
+                                               for x in (features, projected, h, c, captions))
+        embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
+
+        logits = features.new_zeros(num_rows, max_steps, self.vocab_size)
+        alphas = features.new_zeros(num_rows, max_steps, features.size(1))
+        state = DecoderState(h, c)
+        for t, n in enumerate(active):
+            # Rows are sorted, so the first n rows are the ones still decoding at step t.
+            state = DecoderState(state.h[:n], state.c[:n])
+            out = self._advance(embedded[:n, t], state, features[:n], projected[:n])
+            logits[:n, t] = out.logits
+            alphas[:n, t] = out.alpha
+            state = out.state
+
+        inverse = torch.empty_like(order_t)
+        inverse[order_t] = torch.arange(num_rows, device=order_t.device)
+        return DecoderOutput(logits.index_select(0, inverse), alphas.index_select(0, inverse))
+
+
+def load_glove_embeddings(path: str | os.PathLike, word_to_id: dict[str, int],
+                          embed_dim: int) -> Tensor:
+    """Build a (V, E) embedding matrix from a GloVe-style text file.
+
+    Each line is ``word v1 ... vE`` separated by single spaces (GloVe's format; words that
+    themselves contain spaces, as in glove.840B, are handled). A word2vec-style header line
+    ``count dim`` is skipped. Words missing from the file keep a U(-0.1, 0.1) init, as the
+    tutorial's ``init_embedding``. The coverage is logged at INFO level.
+
+    Args:
+        path: the text file.
+        word_to_id: ``{word: id}`` with ids 0..V-1 (a ``WordMap.to_dict()``).
+        embed_dim: E; every vector in the file must have exactly E values.
+
+    Returns:
+        (V, E) float32 tensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist")
+    vocab_size = max(word_to_id.values()) + 1
+    embeddings = torch.empty(vocab_size, embed_dim).uniform_(-0.1, 0.1)
+    found: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.rstrip("\r\n").rstrip(" ").split(" ")
+            if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                if int(parts[1]) != embed_dim:
+                    raise ValueError(f"{path}: header says dimension {parts[1]}, "
+                                     f"expected embed_dim={embed_dim}")
+                continue
+            if parts == [""]:
+                continue
+            if len(parts) < embed_dim + 1 or (len(parts) > embed_dim + 1
+                                               and _is_float(parts[-embed_dim - 1])):
+                num_values = len(parts) - 1
+                raise ValueError(f"{path}, line {line_no}: the vector has {num_values} values, "
+                                 f"expected embed_dim={embed_dim}; set embed_dim to the file's "
+                                 f"dimension or use the matching GloVe file")
+            word = " ".join(parts[:-embed_dim])
+            if word not in word_to_id or word in found:
+                continue
+            try:
+                vector = [float(v) for v in parts[-embed_dim:]]
+            except ValueError as e:
+                raise ValueError(f"{path}, line {line_no}: non-numeric value ({e})") from None
+            embeddings[word_to_id[word]] = torch.tensor(vector)
+            found.add(word)
+    log.info("embeddings %s: %d of %d words found (%.1f%%); the rest keep a random init",
+             path, len(found), len(word_to_id), 100.0 * len(found) / len(word_to_id))
+    return embeddings
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

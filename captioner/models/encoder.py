@@ -1,0 +1,213 @@
+"""ImageEncoder: a torchvision ResNet trunk that turns images into a grid of region features.
+
+Legend: B batch, S image side, P regions (enc_size^2), D encoder channels.
+
+Parameter names follow the sgrvinod tutorial's ``Encoder`` (``resnet`` is an ``nn.Sequential``
+of the torchvision children without avgpool/fc, ``adaptive_pool`` has no parameters), so the
+tutorial's encoder state dicts load here with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Output channels of layer1 for each arch; layerN has base * 2**(N-1).
+_LAYER1_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256,
+                    "resnet152": 256}
+# torchvision child names per stage: stage 0 is the stem, stage N is layerN.
+_STAGE_CHILDREN = {0: ("conv1", "bn1", "relu", "maxpool"), 1: ("layer1",), 2: ("layer2",),
+                   3: ("layer3",), 4: ("layer4",)}
+
+
+def _weights_enum(arch: str):
+    """The tutorial's ImageNet weights for ``arch`` (``ResNet101_Weights.IMAGENET1K_V1``...)."""
+    name = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50",
+            "resnet101": "ResNet101", "resnet152": "ResNet152"}[arch]
+    return getattr(torchvision.models, f"{name}_Weights").IMAGENET1K_V1
+
+
+def _download_state_dict(arch: str) -> dict[str, Tensor]:
+    """Fetch torchvision's ImageNet state dict via the hub cache, or explain how to provide it."""
+    weights = _weights_enum(arch)
+    url = weights.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as e:  # no network, proxy refusal, truncated download, bad hash ...
+        raise RuntimeError(
+            f"ImageEncoder({arch!r}, pretrained=True) could not get the ImageNet weights "
+            f"({type(e).__name__}: {e}). Either download {url} on a machine with network access "
+            f"and copy it to {cached} (the torch hub cache, torch.hub.get_dir()/checkpoints/), "
+            f"or point the encoder at a local torchvision {arch} state dict with "
+            f"model.encoder.weights_path=/path/to/{os.path.basename(url)} "
+            f"(or model.encoder.pretrained=false for random weights)."
+        ) from e
+
+
+def _read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Load a torchvision-resnet state dict file: raw, or under "state_dict"/"model"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights_path {path} does not exist; set "
+                                f"model.encoder.weights_path to a torchvision resnet .pth file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"encoder weights_path {path} is not a loadable torch state dict "
+                         f"file ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"encoder weights_path {path} holds no state dict: expected "
+                         f"{{name: tensor}} or a dict with a 'state_dict'/'model' entry")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+class ImageEncoder(nn.Module):
+    """A ResNet trunk (up to ``layer{last_stage}``) plus adaptive pooling to a fixed grid.
+
+    Args:
+        arch: one of resnet18/34/50/101/152.
+        encoded_image_size: side of the output grid; P = encoded_image_size**2.
+        pretrained: load torchvision's ImageNet weights (``IMAGENET1K_V1``, the tutorial's).
+        weights_path: a local torchvision-resnet state dict file; used instead of the download
+            (for offline clusters). A raw state dict or a dict with "state_dict"/"model".
+        fine_tune: False freezes every parameter; True trains stages >= ``fine_tune_from``.
+        fine_tune_from: first trainable stage (0 = stem conv1/bn1, 1..4 = layer1..layer4).
+            The tutorial's "blocks 2 through 4" is 2.
+        last_stage: the trunk stops after ``layer{last_stage}`` (1..4). Small images need a
+            shallower trunk: at 64 px resnet18 keeps a 4x4 map up to layer3.
+        channels_last: run the trunk in channels-last memory format (faster convs on GPUs).
+
+    Frozen stages are kept in eval mode by :meth:`train`, so their BatchNorm running
+    statistics never change (the tutorial's ``encoder.train()`` updates them silently).
+    """
+
+    def __init__(self, arch: str = "resnet101", encoded_image_size: int = 14,
+                 pretrained: bool = True, weights_path: str | os.PathLike | None = None,
+                 fine_tune: bool = False, fine_tune_from: int = 2, last_stage: int = 4,
+                 channels_last: bool = False):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"ImageEncoder arch={arch!r} is not supported; use one of {ARCHS}")
+        if not 1 <= last_stage <= 4:
+            raise ValueError(f"ImageEncoder last_stage={last_stage}; it must be 1..4 (layerN)")
+        if encoded_image_size < 1:
+            raise ValueError(f"ImageEncoder encoded_image_size={encoded_image_size}; must be >= 1")
+        self.arch = arch
+        self.encoded_image_size = encoded_image_size
+        self.last_stage = last_stage
+        self.channels_last = channels_last
+
+        resnet = getattr(torchvision.models, arch)(weights=None)
+        kept = [name for stage in range(last_stage + 1) for name in _STAGE_CHILDREN[stage]]
+        if weights_path is not None:
+            self._load_trunk(resnet, _read_state_dict_file(weights_path), kept, str(weights_path))
+        elif pretrained:
+            self._load_trunk(resnet, _download_state_dict(arch), kept, f"torchvision {arch}")
+        children = dict(resnet.named_children())
+        # Same child order as the tutorial's list(resnet.children())[:-2], cut at last_stage.
+        self.resnet = nn.Sequential(*(children[name] for name in kept))
+        self.adaptive_pool = nn.AdaptiveAvgPool2d((encoded_image_size, encoded_image_size))
+        if channels_last:
+            self.resnet.to(memory_format=torch.channels_last)
+        self.set_fine_tune(fine_tune, fine_tune_from)
+
+    @staticmethod
+    def _load_trunk(resnet: nn.Module, state_dict: dict[str, Tensor], kept: list[str],
+                    source: str) -> None:
+        """Load the kept trunk keys strictly; keys of dropped stages and fc are ignored."""
+        trunk_keys = {k for k in resnet.state_dict() if k.split(".", 1)[0] in kept}
+        missing = sorted(trunk_keys - state_dict.keys())
+        if missing:
+            raise ValueError(f"{source}: the state dict lacks {len(missing)} trunk key(s) this "
+                             f"encoder needs, e.g. {missing[:3]}; is it a torchvision "
+                             f"{type(resnet).__name__} state dict of the same arch?")
+        subset = {k: state_dict[k] for k in trunk_keys}
+        try:
+            resnet.load_state_dict(subset, strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"{source}: the state dict does not fit this arch ({e})") from e
+
+    # ------------------------------------------------------------------ trainable stages
+    def _stage_modules(self, stage: int) -> list[nn.Module]:
+        """Modules of ``stage`` in ``self.resnet`` (0 = stem children, N = layerN)."""
+        if stage == 0:
+            return list(self.resnet[:4])
+        return [self.resnet[3 + stage]]
+
+    def set_fine_tune(self, fine_tune: bool, fine_tune_from: int | None = None) -> None:
+        """Choose the trainable stages (the tutorial's ``Encoder.fine_tune``).
+
+        Args:
+            fine_tune: False freezes everything; True trains stages >= ``fine_tune_from``.
+            fine_tune_from: 0..4 (<= last_stage when fine-tuning); None keeps the current value.
+        """
+        if fine_tune_from is None:
+            fine_tune_from = self.fine_tune_from
+        if not 0 <= fine_tune_from <= 4:
+            raise ValueError(f"ImageEncoder fine_tune_from={fine_tune_from}; it must be in "
+                             f"0..4 (0 = stem conv1/bn1, N = layerN)")
+        if fine_tune and fine_tune_from > self.last_stage:
+            raise ValueError(f"ImageEncoder fine_tune=True with fine_tune_from={fine_tune_from} "
+                             f"> last_stage={self.last_stage} would train nothing; lower "
+                             f"fine_tune_from or set fine_tune=false")
+        self.fine_tune = bool(fine_tune)
+        self.fine_tune_from = fine_tune_from
+        for stage in range(self.last_stage + 1):
+            trainable = self.fine_tune and stage >= fine_tune_from
+            for module in self._stage_modules(stage):
+                module.requires_grad_(trainable)
+        self.train(self.training)
+
+    def frozen_stages(self) -> list[int]:
+        """Stages whose parameters are frozen (and kept in eval mode)."""
+        first = self.fine_tune_from if self.fine_tune else self.last_stage + 1
+        return list(range(min(first, self.last_stage + 1)))
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        """Set train/eval mode; frozen stages always stay in eval mode (BN stats fixed)."""
+        super().train(mode)
+        for stage in self.frozen_stages():
+            for module in self._stage_modules(stage):
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def encoder_dim(self) -> int:
+        """D: channels of the last kept stage."""
+        return _LAYER1_CHANNELS[self.arch] * 2 ** (self.last_stage - 1)
+
+    @property
+    def num_regions(self) -> int:
+        """P = encoded_image_size ** 2."""
+        return self.encoded_image_size ** 2
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Encode normalised images.
+
+        Args:
+            images: (B, 3, S, S) float, ImageNet-normalised.
+
+        Returns:
+            (B, P, D) region features, rows in raster order over the grid.
+        """
+        if images.dim() != 4 or images.size(1) != 3:
+            raise ValueError(f"ImageEncoder expects images of shape (B, 3, S, S), "
+                             f"got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out = self.adaptive_pool(self.resnet(images))  # (B, D, enc, enc)
+        return out.permute(0, 2, 3, 1).flatten(1, 2)  # (B, P, D)

@@ -1,0 +1,473 @@
+"""Properties of the model: encoder stages, attention, teacher forcing, checkpoints, search."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from captioner.models import (AdditiveAttention, AttentionLSTMDecoder, Captioner, DecoderState,
+                              ImageEncoder, load_glove_embeddings)
+
+V, E, H, A = 12, 8, 16, 8
+PAD, START, END = 0, 10, 11
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_encoder(**kwargs) -> ImageEncoder:
+    args = dict(arch="resnet18", encoded_image_size=2, pretrained=False, last_stage=2)
+    args.update(kwargs)
+    return ImageEncoder(**args)
+
+
+def tiny_decoder(encoder_dim: int = 6, dropout: float = 0.0, **kwargs) -> AttentionLSTMDecoder:
+    return AttentionLSTMDecoder(V, embed_dim=E, decoder_dim=H, attention_dim=A,
+                                encoder_dim=encoder_dim, dropout=dropout, **kwargs)
+
+
+def random_captions(lengths: list[int], num_tokens: int) -> torch.Tensor:
+    """Rows ``<start> w.. <end> <pad>..`` with words in 1..9."""
+    rows = torch.full((len(lengths), num_tokens), PAD)
+    for n, length in enumerate(lengths):
+        rows[n, 0] = START
+        rows[n, 1:length - 1] = torch.randint(1, 10, (length - 2,))
+        rows[n, length - 1] = END
+    return rows
+
+
+# ---------------------------------------------------------------------- attention
+def test_attention_weights_are_a_distribution_and_context_is_their_average():
+    att = AdditiveAttention(encoder_dim=6, decoder_dim=H, attention_dim=A)
+    features, hidden = torch.randn(3, 5, 6), torch.randn(3, H)
+    context, alpha = att(features, att.project(features), hidden)
+    assert alpha.shape == (3, 5) and context.shape == (3, 6)
+    assert (alpha >= 0).all()
+    torch.testing.assert_close(alpha.sum(1), torch.ones(3))
+    torch.testing.assert_close(context, (alpha[:, :, None] * features).sum(1))
+
+    mask = torch.tensor([[True, True, False, False, True]] * 3)
+    _, masked = att(features, att.project(features), hidden, mask=mask)
+    assert (masked[~mask] == 0).all()
+    torch.testing.assert_close(masked.sum(1), torch.ones(3))
+
+
+# ---------------------------------------------------------------------- encoder
+@pytest.mark.parametrize("arch,last_stage,enc_size,dim", [
+    ("resnet18", 1, 3, 64), ("resnet18", 2, 2, 128), ("resnet18", 3, 1, 256),
+    ("resnet18", 4, 2, 512), ("resnet34", 4, 1, 512), ("resnet50", 4, 2, 2048),
+    ("resnet50", 2, 3, 512), ("resnet101", 4, 2, 2048), ("resnet152", 3, 1, 1024),
+])
+def test_encoder_output_shape(arch, last_stage, enc_size, dim):
+    enc = ImageEncoder(arch, encoded_image_size=enc_size, pretrained=False, last_stage=last_stage)
+    enc.eval()
+    with torch.no_grad():
+        out = enc(torch.randn(2, 3, 32, 32))
+    assert enc.encoder_dim == dim and enc.num_regions == enc_size ** 2
+    assert out.shape == (2, enc_size ** 2, dim)
+    assert len(enc.resnet) == 4 + last_stage
+
+
+def test_encoder_flattens_in_raster_order():
+    enc = tiny_encoder(encoded_image_size=3).eval()
+    images = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        grid = enc.adaptive_pool(enc.resnet(images))  # (1, D, 3, 3)
+        out = enc(images)
+    torch.testing.assert_close(out[0, 1 * 3 + 2], grid[0, :, 1, 2])
+
+
+def _stage_params(enc: ImageEncoder, stage: int) -> list[nn.Parameter]:
+    return [p for m in enc._stage_modules(stage) for p in m.parameters()]
+
+
+@pytest.mark.parametrize("fine_tune,fine_tune_from,trainable", [
+    (False, 2, []), (True, 2, [2, 3]), (True, 0, [0, 1, 2, 3]),
+])
+def test_gradients_reach_exactly_the_trainable_stages(fine_tune, fine_tune_from, trainable):
+    encoder = tiny_encoder(last_stage=3, fine_tune=fine_tune, fine_tune_from=fine_tune_from)
+    model = Captioner(encoder, tiny_decoder(encoder.encoder_dim), PAD, START, END).train()
+    captions = random_captions([5, 4], 6).view(2, 1, 6)
+    out = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), captions,
+                torch.tensor([[5], [4]]))
+    (out.logits.sum() + out.alphas.sum()).backward()
+    for stage in range(4):
+        for p in _stage_params(encoder, stage):
+            if stage in trainable:
+                assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0
+            else:
+                assert not p.requires_grad and p.grad is None
+    for name, p in model.decoder.named_parameters():
+        assert p.grad is not None, name
+    assert encoder.frozen_stages() == [s for s in range(4) if s not in trainable]
+
+
+def test_frozen_stages_keep_batchnorm_statistics_in_train_mode():
+    enc = tiny_encoder(last_stage=3, fine_tune=True, fine_tune_from=2)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    enc.train()
+    enc(torch.randn(2, 3, 32, 32))
+    after = enc.state_dict()
+    frozen_prefixes = ("resnet.1.", "resnet.4.")  # bn1 (stage 0), layer1 (stage 1)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    checked = 0
+    for key, value in before.items():
+        if key.endswith(buffers):
+            if key.startswith(frozen_prefixes):
+                assert torch.equal(after[key], value), key
+                checked += 1
+            elif key.startswith(("resnet.5.", "resnet.6.")) and key.endswith("num_batches_tracked"):
+                assert after[key] == value + 1, key  # trainable stages still update
+    assert checked > 0
+    assert not enc.resnet[1].training and not enc.resnet[4].training
+    assert enc.resnet[5].training and enc.resnet[6].training
+
+
+def test_set_fine_tune_switches_stages_after_construction():
+    enc = tiny_encoder(last_stage=3)
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.set_fine_tune(True, 3)
+    assert all(p.requires_grad for p in _stage_params(enc, 3))
+    assert not any(p.requires_grad for p in _stage_params(enc, 2))
+    with pytest.raises(ValueError, match="fine_tune_from=4"):
+        enc.set_fine_tune(True, 4)
+
+
+@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module_prefix"])
+def test_weights_path_loads_a_torchvision_state_dict(tmp_path, wrap):
+    reference = torchvision.models.resnet18(weights=None).eval()
+    state = reference.state_dict()
+    if wrap == "module_prefix":
+        state = {f"module.{k}": v for k, v in state.items()}
+    elif wrap != "raw":
+        state = {wrap: state, "epoch": 3}
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    enc = ImageEncoder("resnet18", encoded_image_size=2, pretrained=True, weights_path=path,
+                       last_stage=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        trunk = nn.Sequential(*list(reference.children())[:7])  # conv1 .. layer3
+        expected = nn.functional.adaptive_avg_pool2d(trunk(images), 2).permute(0, 2, 3, 1)
+        torch.testing.assert_close(enc(images), expected.flatten(1, 2))
+
+
+def test_weights_path_of_another_arch_is_refused(tmp_path):
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=str(path).replace("\\", "\\\\")):
+        ImageEncoder("resnet18", pretrained=False, weights_path=path)
+    with pytest.raises(FileNotFoundError, match="weights_path"):
+        ImageEncoder("resnet18", weights_path=tmp_path / "missing.pth")
+
+
+def test_pretrained_without_network_explains_both_fixes(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(RuntimeError) as info:
+        ImageEncoder("resnet101", pretrained=True)
+    message = str(info.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet101-63fe2227.pth") in message
+    assert "https://download.pytorch.org/models/resnet101-63fe2227.pth" in message
+    assert "model.encoder.weights_path=" in message
+    assert "network is unreachable" in message
+
+
+def test_pretrained_reads_the_hub_cache_offline(tmp_path, monkeypatch):
+    reference = torchvision.models.resnet18(weights=None)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("must not download"))
+    enc = ImageEncoder("resnet18", pretrained=True, last_stage=1)
+    torch.testing.assert_close(enc.resnet[0].weight, reference.conv1.weight)
+    torch.testing.assert_close(enc.resnet[4][1].conv2.weight, reference.layer1[1].conv2.weight)
+
+
+# ---------------------------------------------------------------------- tutorial checkpoints
+def test_tutorial_encoder_state_dict_loads_strictly_and_computes_the_same():
+    # The tutorial's Encoder: resnet = Sequential(children()[:-2]), then pool + permute.
+    resnet = torchvision.models.resnet18(weights=None)
+    tutorial = nn.Module()
+    tutorial.resnet = nn.Sequential(*list(resnet.children())[:-2])
+    tutorial.adaptive_pool = nn.AdaptiveAvgPool2d((2, 2))
+    tutorial.eval()
+    ours = ImageEncoder("resnet18", encoded_image_size=2, pretrained=False).eval()
+    ours.load_state_dict(tutorial.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tutorial.adaptive_pool(tutorial.resnet(images)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(ours(images), expected.reshape(2, 4, 512))
+
+
+def test_tutorial_decoder_state_dict_loads_strictly():
+    D = 6
+    shapes = {  # DecoderWithAttention(attention_dim=A, embed_dim=E, decoder_dim=H, vocab_size=V, encoder_dim=D)
+        "attention.encoder_att.weight": (A, D), "attention.encoder_att.bias": (A,),
+        "attention.decoder_att.weight": (A, H), "attention.decoder_att.bias": (A,),
+        "attention.full_att.weight": (1, A), "attention.full_att.bias": (1,),
+        "embedding.weight": (V, E),
+        "decode_step.weight_ih": (4 * H, E + D), "decode_step.weight_hh": (4 * H, H),
+        "decode_step.bias_ih": (4 * H,), "decode_step.bias_hh": (4 * H,),
+        "init_h.weight": (H, D), "init_h.bias": (H,), "init_c.weight": (H, D), "init_c.bias": (H,),
+        "f_beta.weight": (D, H), "f_beta.bias": (D,), "fc.weight": (V, H), "fc.bias": (V,),
+    }
+    tutorial_state = {k: torch.randn(s) for k, s in shapes.items()}
+    decoder = tiny_decoder(D)
+    decoder.load_state_dict(tutorial_state, strict=True)
+    for key, value in tutorial_state.items():
+        assert torch.equal(decoder.state_dict()[key], value), key
+
+
+def test_step_matches_the_papers_equations():
+    decoder = tiny_decoder(6).eval()
+    features, tokens = torch.randn(2, 5, 6), torch.tensor([START, 3])
+    state = decoder.init_state(features)
+    out = decoder.step(tokens, state, features, decoder.project(features))
+
+    p = dict(decoder.named_parameters())
+    lin = lambda x, name: x @ p[f"{name}.weight"].T + p[f"{name}.bias"]  # noqa: E731
+    mean = features.mean(1)
+    h0, c0 = lin(mean, "init_h"), lin(mean, "init_c")
+    scores = lin(torch.relu(lin(features, "attention.encoder_att")
+                            + lin(h0, "attention.decoder_att")[:, None]), "attention.full_att")
+    alpha = scores.squeeze(2).softmax(1)
+    context = torch.sigmoid(lin(h0, "f_beta")) * (alpha[:, :, None] * features).sum(1)
+    x = torch.cat([p["embedding.weight"][tokens], context], 1)
+    gates = (x @ p["decode_step.weight_ih"].T + p["decode_step.bias_ih"]
+             + h0 @ p["decode_step.weight_hh"].T + p["decode_step.bias_hh"])
+    i, f, g, o = gates.chunk(4, 1)
+    c1 = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
+    h1 = torch.sigmoid(o) * torch.tanh(c1)
+    torch.testing.assert_close(out.alpha, alpha)
+    torch.testing.assert_close(out.state.h, h1)
+    torch.testing.assert_close(out.state.c, c1)
+    torch.testing.assert_close(out.logits, lin(h1, "fc"))
+
+
+def test_init_matches_the_tutorial():
+    decoder = AttentionLSTMDecoder(500, embed_dim=64, decoder_dim=32, attention_dim=8,
+                                   encoder_dim=6)
+    assert decoder.embedding.weight.abs().max() <= 0.1
+    assert decoder.embedding.weight.std() > 0.05  # uniform(-0.1, 0.1) has std 0.058
+    assert decoder.fc.weight.abs().max() <= 0.1
+    assert torch.equal(decoder.fc.bias, torch.zeros(500))
+
+
+# ---------------------------------------------------------------------- teacher forcing
+def test_teacher_forcing_equals_feeding_step_token_by_token():
+    decoder = tiny_decoder(6, dropout=0.5).eval()
+    lengths = [6, 3, 5]
+    captions = random_captions(lengths, 7)
+    features = torch.randn(3, 4, 6)
+    out = decoder(features, captions, torch.tensor(lengths))
+    assert out.logits.shape == (3, 5, V) and out.alphas.shape == (3, 5, 4)
+
+    projected = decoder.project(features)
+    state = decoder.init_state(features)
+    for t in range(5):
+        step = decoder.step(captions[:, t], state, features, projected)
+        state = step.state
+        for n, length in enumerate(lengths):
+            if t < length - 1:
+                torch.testing.assert_close(out.logits[n, t], step.logits[n])
+                torch.testing.assert_close(out.alphas[n, t], step.alpha[n])
+            else:  # past the caption: exactly zero, nothing computed
+                assert (out.logits[n, t] == 0).all() and (out.alphas[n, t] == 0).all()
+
+
+def test_padding_a_longer_caption_into_the_batch_changes_nothing():
+    decoder = tiny_decoder(6).eval()
+    features = torch.randn(2, 4, 6)
+    short = random_captions([4, 3], 5)
+    alone = decoder(features, short, torch.tensor([4, 3]))
+    long = random_captions([9], 10)
+    padded = torch.cat([nn.functional.pad(short, (0, 5), value=PAD), long])
+    batch = decoder(torch.cat([features, torch.randn(1, 4, 6)]), padded, torch.tensor([4, 3, 9]))
+    torch.testing.assert_close(batch.logits[:2, :3], alone.logits)
+    torch.testing.assert_close(batch.alphas[:2, :3], alone.alphas)
+    assert (batch.logits[:2, 3:] == 0).all()
+
+
+def test_permuting_the_batch_permutes_the_outputs():
+    decoder = tiny_decoder(6).eval()
+    lengths = torch.tensor([3, 7, 5, 7, 2])
+    captions, features = random_captions(lengths.tolist(), 8), torch.randn(5, 4, 6)
+    out = decoder(features, captions, lengths)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    permuted = decoder(features[perm], captions[perm], lengths[perm])
+    torch.testing.assert_close(permuted.logits, out.logits[perm])
+    torch.testing.assert_close(permuted.alphas, out.alphas[perm])
+
+
+def test_captions_per_image_equals_repeating_the_images():
+    decoder = tiny_decoder(6).eval()
+    lengths = torch.tensor([4, 6, 3, 5, 6, 2])
+    captions, features = random_captions(lengths.tolist(), 6), torch.randn(2, 4, 6)
+    shared = decoder(features, captions, lengths, captions_per_image=3)
+    repeated = decoder(features.repeat_interleave(3, 0), captions, lengths)
+    torch.testing.assert_close(shared.logits, repeated.logits)
+    torch.testing.assert_close(shared.alphas, repeated.alphas)
+
+
+def test_decoder_rejects_inconsistent_shapes():
+    decoder = tiny_decoder(6)
+    features, captions = torch.randn(2, 4, 6), random_captions([3, 3, 3], 4)
+    with pytest.raises(ValueError, match="captions_per_image"):
+        decoder(features, captions, torch.tensor([3, 3, 3]))
+    with pytest.raises(ValueError, match="lengths must lie in 2..T=4"):
+        decoder(features[:1], captions[:2], torch.tensor([3, 5]), captions_per_image=2)
+
+
+# ---------------------------------------------------------------------- embeddings
+def test_glove_vectors_fill_known_words_and_others_keep_the_init(tmp_path, caplog):
+    word_to_id = {"<pad>": 0, "cat": 1, "dog": 2, "zebra": 3, "<unk>": 4}
+    path = tmp_path / "glove.txt"
+    path.write_text("5 3\ncat 0.1 0.2 0.3\nbird 1 2 3\ndog -1 -2 -3.5 \ncat 9 9 9\n",
+                    encoding="utf-8")
+    with caplog.at_level("INFO"):
+        emb = load_glove_embeddings(path, word_to_id, 3)
+    assert emb.shape == (5, 3)
+    torch.testing.assert_close(emb[1], torch.tensor([0.1, 0.2, 0.3]))  # first occurrence wins
+    torch.testing.assert_close(emb[2], torch.tensor([-1.0, -2.0, -3.5]))
+    assert emb[[0, 3, 4]].abs().max() <= 0.1 and emb[[0, 3, 4]].abs().sum() > 0
+    assert "2 of 5 words" in caplog.text
+
+    decoder = AttentionLSTMDecoder(5, embed_dim=3, decoder_dim=4, attention_dim=2, encoder_dim=2,
+                                   pretrained_embeddings=emb, fine_tune_embeddings=False)
+    assert torch.equal(decoder.embedding.weight, emb)
+    assert not decoder.embedding.weight.requires_grad
+
+
+@pytest.mark.parametrize("line", ["dog 1 2\n", "dog 1 2 3 4\n"])
+def test_glove_vector_of_the_wrong_dimension_names_file_and_line(tmp_path, line):
+    path = tmp_path / "glove.txt"
+    path.write_text("cat 0.1 0.2 0.3\n" + line, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"glove\.txt, line 2: .* expected embed_dim=3"):
+        load_glove_embeddings(path, {"<pad>": 0, "dog": 1}, 3)
+
+
+# ---------------------------------------------------------------------- captioner
+def tiny_captioner(**decoder_kwargs) -> Captioner:
+    encoder = tiny_encoder(last_stage=1)
+    return Captioner(encoder, tiny_decoder(encoder.encoder_dim, **decoder_kwargs), PAD, START, END)
+
+
+def test_encode_treats_uint8_as_0_255_and_float_as_0_1():
+    model = tiny_captioner().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(images), model.encode(images.float() / 255))
+        normalised = (images.float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+            / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        torch.testing.assert_close(model.encode(images), model.encoder(normalised))
+    assert "image_mean" not in model.state_dict()
+
+
+def test_captioner_forward_runs_the_encoder_once_per_image():
+    model = tiny_captioner().eval()
+    calls = []
+    model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    lengths = torch.tensor([[4, 6, 3], [5, 2, 4]])
+    captions = random_captions(lengths.flatten().tolist(), 7).view(2, 3, 7)
+    out = model(images, captions, lengths)
+    assert calls == [2]
+    assert out.logits.shape == (6, 5, V) and out.alphas.shape == (6, 5, model.encoder.num_regions)
+    assert torch.equal(out.targets, captions.view(6, 7)[:, 1:6])
+    assert torch.equal(out.mask.sum(1), lengths.flatten() - 1)
+    assert (out.targets[out.mask] != PAD).all() and (out.targets[~out.mask] == PAD).all()
+    with torch.no_grad():
+        per_image = model.decoder(model.encode(images).repeat_interleave(3, 0),
+                                  captions.view(6, 7), lengths.flatten())
+    torch.testing.assert_close(out.logits, per_image.logits)
+
+
+def test_greedy_generation_follows_the_argmax_of_step():
+    model = tiny_captioner().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    hyps = model.generate(images, beam_size=1, max_len=6)
+    assert len(hyps) == 2 and all(len(h) == 1 for h in hyps)
+    with torch.no_grad():
+        features = model.encode(images)
+        projected = model.decoder.project(features)
+        for b in range(2):
+            state = model.decoder.init_state(features[b:b + 1])
+            token, expected = torch.tensor([START]), []
+            for _ in range(6):
+                out = model.decoder.step(token, state, features[b:b + 1], projected[b:b + 1])
+                logits = out.logits.clone()
+                logits[:, [PAD, START]] = float("-inf")
+                token, state = logits.argmax(1), out.state
+                if token.item() == END:
+                    break
+                expected.append(token.item())
+            assert hyps[b][0].tokens == expected
+
+
+def test_beam_generation_returns_sorted_hypotheses_without_special_tokens():
+    model = tiny_captioner().eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    beams = model.generate(images, beam_size=3, max_len=5, num_return=2)
+    assert len(beams) == 3
+    for hyps in beams:
+        assert len(hyps) == 2 and hyps[0].score >= hyps[1].score
+        for hyp in hyps:
+            assert not {PAD, START, END} & set(hyp.tokens) and len(hyp.tokens) <= 5
+    alone = model.generate(images[1:2], beam_size=3, max_len=5, num_return=2)
+    assert [h.tokens for h in alone[0]] == [h.tokens for h in beams[1]]
+
+
+def test_importing_models_needs_neither_lightning_nor_hydra():
+    code = textwrap.dedent("""
+        import sys
+        for name in ("lightning", "pytorch_lightning", "hydra", "omegaconf"):
+            sys.modules[name] = None
+        try:
+            import lightning
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("blocking failed")
+        import captioner.models, captioner.losses
+        print(captioner.models.Captioner.__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Captioner"
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_four_images():
+    from captioner.losses import caption_loss
+
+    torch.manual_seed(0)
+    model = tiny_captioner(dropout=0.0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    lengths = torch.tensor([[5], [4], [6], [3]])
+    captions = random_captions(lengths.flatten().tolist(), 6).view(4, 1, 6)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    expected = [captions[b, 0, 1:lengths[b, 0] - 1].tolist() for b in range(4)]
+    for step in range(1, 401):
+        model.train()
+        out = model(images, captions, lengths)
+        loss = caption_loss(out.logits, out.targets, out.mask, out.alphas).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 and model.eval().greedy(images, max_len=10) == expected:
+            break
+    assert model.eval().greedy(images, max_len=10) == expected, f"loss {loss.item():.3f}"
