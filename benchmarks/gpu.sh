@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark (the prepared device check). Assumes the package is pip-installed
+# (pip install -e .) and a CUDA GPU is visible. Writes the JSON and the log to $OUT when set,
+# else to benchmarks/results/. Full sizes, 3 repeats; about 5-8 minutes on one H100.
+# Usage: bash benchmarks/gpu.sh [extra args for python -m benchmarks]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest"
+stamp="$(date +%Y%m%d-%H%M%S)"
+workers="${BENCH_LOADER_WORKERS:-0,4,8}"
+python -m benchmarks --device cuda --repeats "${BENCH_REPEATS:-3}" --loader-workers "$workers" \
+    --out "$dest/gpu-$stamp.json" "$@" 2>&1 | tee "$dest/gpu-$stamp.log"

@@ -1,0 +1,733 @@
+"""Throughput benchmarks of captioner, side by side with our re-implementation of the tutorial.
+
+Run ``python -m benchmarks --help``. Groups (``--only``): ``train`` (captions/s and images/s of a
+full optimisation step, frozen and fine-tuned encoder, plus ours with the real HDF5 loader in
+the loop), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with
+0/1/2 worker processes, a plain PIL loop, peak RSS for N and 2N images) and ``loader``
+(``CaptionH5Dataset`` + DataLoader images/s by worker count). Every number is the median of
+``--repeats`` timed runs after one warm-up run, with the min..max spread. Results are printed
+as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
+
+All models use random weights (``pretrained=False``): nothing is downloaded. Random decoders
+never emit ``<end>``, so both decoders run exactly ``decode_max_len`` steps per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    from benchmarks import tutorial_reference as tut
+except ImportError:  # run as a script: python benchmarks/run.py
+    import tutorial_reference as tut  # type: ignore[no-redef]
+
+from captioner.losses import caption_loss
+from captioner.vocab import write_json_atomic
+
+GROUPS = ("preprocess", "loader", "train", "decode")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Benchmark sizes; :data:`FULL` is the reported configuration, :data:`QUICK` a fast check."""
+
+    arch: str = "resnet101"
+    image_size: int = 256
+    encoded_image_size: int = 14
+    last_stage: int = 4
+    batch_images: int = 32  # ours: images per training batch (x captions_per_image rows)
+    captions_per_image: int = 5
+    tutorial_batch: int = 32  # tutorial: caption rows per training batch (one image each)
+    vocab_size: int = 10_000
+    embed_dim: int = 512
+    decoder_dim: int = 512
+    attention_dim: int = 512
+    max_len: int = 50  # caption rows hold max_len + 2 ids
+    mean_words: float = 11.5  # COCO-like caption lengths: clipped normal over words
+    std_words: float = 2.5
+    decode_batch: int = 32  # ours: images per generate() call
+    decode_images: int = 32  # ours: images decoded per timed run
+    tutorial_decode_images: int = 8  # tutorial: images decoded (one at a time) per timed run
+    decode_max_len: int = 20  # steps decoded per image, both sides
+    beam_size: int = 5
+    preprocess_images: int = 300  # N (the memory check also runs 2N)
+    raw_width: int = 640
+    raw_height: int = 480
+    loader_batch: int = 32
+    loader_batches: int = 10  # batches per timed loader run
+    train_loader_batches: int = 3  # training steps per timed run with the loader in the loop
+
+
+FULL = Sizes()
+QUICK = Sizes(arch="resnet18", image_size=64, encoded_image_size=4, last_stage=3,
+              batch_images=4, tutorial_batch=4, vocab_size=500, embed_dim=32, decoder_dim=32,
+              attention_dim=32, decode_batch=4, decode_images=4, tutorial_decode_images=2,
+              decode_max_len=8, preprocess_images=24, raw_width=160, raw_height=120,
+              loader_batch=4, loader_batches=4, train_loader_batches=2)
+
+
+# ---------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], repeats: int, device: torch.device,
+            warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rate(name: str, group: str, impl: str, unit: str, amount: float, times: list[float],
+         **extra) -> dict:
+    """A result row: ``amount`` units per run over the run times, median and spread."""
+    return {"name": name, "group": group, "impl": impl, "unit": unit,
+            "value": amount / statistics.median(times), "low": amount / max(times),
+            "high": amount / min(times), "runs": len(times), "times_s": times, **extra}
+
+
+def autocast(device: torch.device):
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else nullcontext())
+
+
+def cuda_peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_mib(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"cuda_max_memory_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+# ---------------------------------------------------------------------------- synthetic data
+def sample_lengths(rng: np.random.Generator, n: int, sizes: Sizes) -> np.ndarray:
+    """Caption lengths incl. <start>/<end>: words ~ N(mean, std) rounded, clipped to 1..max_len."""
+    words = np.rint(rng.normal(sizes.mean_words, sizes.std_words, n)).clip(1, sizes.max_len)
+    return words.astype(np.int64) + 2
+
+
+def synthetic_captions(rng: np.random.Generator, n: int, sizes: Sizes, pad_id: int,
+                       start_id: int, end_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, max_len + 2) rows ``<start> w.. <end> <pad>..`` with word ids outside the specials."""
+    lengths = sample_lengths(rng, n, sizes)
+    rows = np.full((n, sizes.max_len + 2), pad_id, dtype=np.int64)
+    specials = {pad_id, start_id, end_id}
+    words = np.array([i for i in range(sizes.vocab_size) if i not in specials][:sizes.vocab_size])
+    for i, length in enumerate(lengths):
+        rows[i, 0] = start_id
+        rows[i, 1:length - 1] = rng.choice(words, length - 2)
+        rows[i, length - 1] = end_id
+    return rows, lengths
+
+
+def special_ids(sizes: Sizes) -> dict[str, int]:
+    """The tutorial's word-map layout: words 1..V-4, then <unk>, <start>, <end>; <pad> = 0."""
+    v = sizes.vocab_size
+    return {"pad_id": 0, "unk_id": v - 3, "start_id": v - 2, "end_id": v - 1}
+
+
+# ---------------------------------------------------------------------------- models
+def build_ours(sizes: Sizes, device: torch.device, fine_tune: bool, vocab_size: int | None = None,
+               ids: dict[str, int] | None = None, dropout: float = 0.5):
+    """``CaptioningModule`` (random weights) on ``device`` and its Adam optimiser."""
+    from captioner.lit_module import CaptioningModule
+
+    module = CaptioningModule(
+        vocab_size=vocab_size or sizes.vocab_size, **(ids or special_ids(sizes)),
+        encoder={"arch": sizes.arch, "encoded_image_size": sizes.encoded_image_size,
+                 "pretrained": False, "fine_tune_from": 2, "last_stage": sizes.last_stage,
+                 "channels_last": device.type == "cuda"},
+        decoder={"embed_dim": sizes.embed_dim, "decoder_dim": sizes.decoder_dim,
+                 "attention_dim": sizes.attention_dim, "dropout": dropout},
+        fine_tune_encoder=fine_tune)
+    module.to(device).train()
+    optimizer = module.configure_optimizers()["optimizer"]
+    return module, optimizer
+
+
+def ours_train_step(module, optimizer, device: torch.device) -> Callable[[dict], float]:
+    """Forward + ``caption_loss`` + backward + value clipping at 5 + Adam, as Lightning runs it."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(batch: dict) -> float:
+        with autocast(device):
+            out = module.captioner(batch["images"], batch["captions"], batch["lengths"])
+            loss = caption_loss(out.logits.float(), out.targets, out.mask, out.alphas.float()).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(params, 5.0)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def build_tutorial(sizes: Sizes, device: torch.device, fine_tune: bool, dropout: float = 0.5):
+    encoder = tut.TutorialEncoder(sizes.arch, sizes.encoded_image_size, sizes.last_stage)
+    encoder_dim = 64 * (4 if sizes.arch in ("resnet50", "resnet101", "resnet152") else 1) \
+        * 2 ** (sizes.last_stage - 1)
+    decoder = tut.TutorialDecoder(sizes.attention_dim, sizes.embed_dim, sizes.decoder_dim,
+                                  sizes.vocab_size, encoder_dim, dropout)
+    encoder.to(device)
+    decoder.to(device)
+    return encoder, decoder, tut.TutorialTrainer(encoder, decoder, fine_tune, device)
+
+
+# ---------------------------------------------------------------------------- train
+def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet | None",
+                loader_workers: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    ids = special_ids(sizes)
+    b, k, s = sizes.batch_images, sizes.captions_per_image, sizes.image_size
+    rows = []
+    for fine_tune in (False, True):
+        label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
+        # Ours: B images x k captions, uint8 images as the loader delivers them.
+        captions, lengths = synthetic_captions(rng, b * k, sizes, ids["pad_id"], ids["start_id"],
+                                               ids["end_id"])
+        batch = {"images": torch.from_numpy(rng.integers(0, 256, (b, 3, s, s), dtype=np.uint8)),
+                 "captions": torch.from_numpy(captions).view(b, k, -1),
+                 "lengths": torch.from_numpy(lengths).view(b, k)}
+        if device.type == "cuda":
+            batch = {key: v.pin_memory() for key, v in batch.items()}
+        module, optimizer = build_ours(sizes, device, fine_tune)
+        step = ours_train_step(module, optimizer, device)
+        cuda_peak_reset(device)
+        times = measure(lambda: step(batch), repeats, device)
+        peak = cuda_peak_mib(device)
+        rows.append(rate(f"train {label}", "train", "ours", "captions/s", b * k, times,
+                         images_per_s=b / statistics.median(times), batch=f"{b} images x {k} captions",
+                         **peak))
+        del module, optimizer, step, batch
+
+        # Tutorial: N caption rows, each with its own float image normalised on the CPU.
+        n = sizes.tutorial_batch
+        images = rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8)
+        captions, lengths = synthetic_captions(rng, n, sizes, ids["pad_id"], ids["start_id"],
+                                               ids["end_id"])
+        dataset = tut.TutorialCaptionDataset(images, captions, lengths, captions_per_image=1)
+        imgs, caps, caplens = torch.utils.data.default_collate([dataset[i] for i in range(n)])
+        if device.type == "cuda":
+            imgs, caps, caplens = imgs.pin_memory(), caps.pin_memory(), caplens.pin_memory()
+        encoder, decoder, trainer = build_tutorial(sizes, device, fine_tune)
+        cuda_peak_reset(device)
+        times = measure(lambda: trainer.step(imgs, caps, caplens), repeats, device)
+        peak = cuda_peak_mib(device)
+        rows.append(rate(f"train {label}", "train", "tutorial", "captions/s", n, times,
+                         images_per_s=n / statistics.median(times),
+                         batch=f"{n} captions (one image each)", **peak))
+        del encoder, decoder, trainer
+
+    if data is not None:
+        rows.append(bench_train_with_loader(sizes, device, repeats, data, loader_workers))
+    return rows
+
+
+def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet",
+                            workers: int) -> dict:
+    """Ours, frozen encoder, fed by CaptionH5Dataset + DataLoader (the real input pipeline)."""
+    from captioner.data.dataset import CaptionH5Dataset
+
+    dataset = CaptionH5Dataset(data.folder, data.name, "train",
+                               captions_per_sample=sizes.captions_per_image)
+    ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
+    module, optimizer = build_ours(sizes, device, fine_tune=False,
+                                   vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids)
+    step = ours_train_step(module, optimizer, device)
+    batches = endless_batches(dataset, sizes.batch_images, workers, device)
+    n = sizes.train_loader_batches
+
+    def run() -> None:
+        for _ in range(n):
+            step(next(batches))
+
+    cuda_peak_reset(device)
+    times = measure(run, repeats, device)
+    per_s = n * sizes.batch_images / statistics.median(times)
+    return rate("train frozen encoder + HDF5 loader", "train", "ours", "images/s",
+                n * sizes.batch_images, times, loader_workers=workers,
+                coco_epoch_min=COCO_TRAIN_IMAGES / per_s / 60.0,
+                captions_per_s=per_s * sizes.captions_per_image, **cuda_peak_mib(device))
+
+
+def endless_batches(dataset, batch_size: int, workers: int, device: torch.device) -> Iterator[dict]:
+    """Batches from a persistent-worker DataLoader, epoch after epoch (sampler epochs advance)."""
+    from captioner.data.dataset import EpochAwareSampler, collate
+
+    sampler = EpochAwareSampler(dataset, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
+        prefetch_factor=4 if workers > 0 else None)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------- decode
+def bench_decode(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(1)
+    s, steps = sizes.image_size, sizes.decode_max_len
+    ids = special_ids(sizes)
+    images = torch.from_numpy(rng.integers(0, 256, (sizes.decode_images, 3, s, s), dtype=np.uint8))
+    if device.type == "cuda":
+        images = images.pin_memory()
+    module, _ = build_ours(sizes, device, fine_tune=False)
+    captioner = module.captioner.eval()
+    rows = []
+    for beam in (1, sizes.beam_size):
+        def run() -> None:
+            with autocast(device):
+                for start in range(0, len(images), sizes.decode_batch):
+                    captioner.generate(images[start:start + sizes.decode_batch], beam_size=beam,
+                                       max_len=steps)
+
+        cuda_peak_reset(device)
+        times = measure(run, repeats, device)
+        name = "decode greedy (val)" if beam == 1 else f"decode beam-{beam} (test)"
+        rows.append(rate(name, "decode", "ours", "images/s", len(images), times,
+                         batch=sizes.decode_batch, steps=steps, **cuda_peak_mib(device)))
+    del module, captioner
+
+    encoder, decoder, _ = build_tutorial(sizes, device, fine_tune=False)
+    encoder.eval()
+    decoder.eval()
+    n = sizes.tutorial_decode_images
+    dataset = tut.TutorialCaptionDataset(images[:n].numpy(), np.zeros((n, 1), np.int64),
+                                         np.ones(n, np.int64), captions_per_image=1)
+    float_images = [dataset[i][0][None] for i in range(n)]  # the dataset's CPU normalisation
+
+    def run_tutorial() -> None:
+        for image in float_images:
+            tut.beam_search_one(encoder, decoder, image.to(device), sizes.beam_size,
+                                ids["start_id"], ids["end_id"], max_steps=steps)
+
+    cuda_peak_reset(device)
+    times = measure(run_tutorial, repeats, device)
+    rows.append(rate(f"decode beam-{sizes.beam_size} (test)", "decode", "tutorial", "images/s", n,
+                     times, batch=1, steps=steps, **cuda_peak_mib(device)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- raw data
+@dataclass
+class DataSet:
+    """A prepared HDF5 dataset (tutorial layout) the loader and training benchmarks read."""
+
+    folder: Path
+    name: str
+    vocab_size: int
+    special_ids: dict[str, int]
+
+
+def write_raw_dataset(folder: Path, num_images: int, sizes: Sizes, seed: int = 0) -> dict:
+    """COCO-like JPEGs (smooth noise, ~640x480, both orientations) and a Karpathy JSON.
+
+    Returns:
+        ``{"json": path, "images": folder, "mean_jpeg_kib": float}``.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    vocab = [f"w{i}" for i in range(2000)]
+    zipf = 1.0 / np.arange(1, len(vocab) + 1)
+    zipf /= zipf.sum()
+    entries, total_bytes = [], 0
+    for i in range(num_images):
+        w, h = (sizes.raw_width, sizes.raw_height) if i % 4 else (sizes.raw_height, sizes.raw_width)
+        coarse = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
+        path = image_dir / f"img_{i:06d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        total_bytes += path.stat().st_size
+        split = "val" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
+        sentences = []
+        for length in sample_lengths(rng, 5, sizes) - 2:
+            tokens = [vocab[j] for j in rng.choice(len(vocab), length, p=zipf)]
+            sentences.append({"tokens": tokens, "raw": " ".join(tokens)})
+        entries.append({"filepath": "images", "filename": path.name, "split": split,
+                        "sentences": sentences, "imgid": i, "cocoid": i})
+    json_path = folder / "dataset_bench.json"
+    write_json_atomic(json_path, {"dataset": "bench", "images": entries})
+    return {"json": str(json_path), "images": str(folder), "mean_jpeg_kib": total_bytes / num_images / 1024}
+
+
+# One preprocessing run in a fresh interpreter: its ru_maxrss is then this run's alone, and
+# the spawn-started decode workers import nothing heavy from the benchmark's main module.
+_PREPROCESS_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+args = json.loads(sys.argv[1])
+import h5py, numpy as np
+from PIL import Image
+from captioner.data.preprocess import create_input_files
+start = time.perf_counter()
+if args["mode"] == "plain":
+    entries = json.load(open(args["json"]))["images"][:args["limit"]]
+    s = args["image_size"]
+    with h5py.File(Path(args["out"]) / "plain.hdf5", "w") as h:
+        data = h.create_dataset("images", (len(entries), 3, s, s), dtype="uint8", chunks=(1, 3, s, s))
+        for i, e in enumerate(entries):
+            with Image.open(Path(args["images"]) / e["filepath"] / e["filename"]) as img:
+                rgb = img.convert("RGB").resize((s, s), Image.Resampling.BILINEAR)
+            data[i] = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+    count = len(entries)
+else:
+    result = create_input_files("bench", args["json"], args["images"], captions_per_image=5,
+                                min_word_freq=1, output_folder=args["out"], max_len=args["max_len"],
+                                image_size=args["image_size"], num_workers=args["workers"],
+                                overwrite=True, progress=False)
+    count = sum(result.num_images.values())
+seconds = time.perf_counter() - start
+# VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork + exec.
+try:
+    status = Path("/proc/self/status").read_text()
+    self_kib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])
+except (OSError, StopIteration):
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": seconds, "images": count, "self_max_rss_kib": self_kib,
+                  "largest_child_max_rss_kib": child_kib}))
+"""
+
+
+def preprocess_child(args: dict) -> dict:
+    """Run one preprocessing (or plain PIL) pass in a fresh interpreter; returns its report."""
+    proc = subprocess.run([sys.executable, "-c", _PREPROCESS_CHILD, json.dumps(args)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"preprocessing benchmark child failed ({args['mode']}, "
+                           f"workers={args.get('workers')}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def raw_dataset_json(raw: dict, folder: Path, limit: int) -> str:
+    """A Karpathy JSON with the first ``limit`` images of ``raw``'s JSON."""
+    with open(raw["json"]) as f:
+        data = json.load(f)
+    data["images"] = data["images"][:limit]
+    path = folder / f"dataset_bench_{limit}.json"
+    write_json_atomic(path, data)
+    return str(path)
+
+
+def bench_preprocess(sizes: Sizes, repeats: int, workdir: Path) -> tuple[list[dict], DataSet]:
+    n = sizes.preprocess_images
+    raw = write_raw_dataset(workdir / "raw", 2 * n, sizes)
+    json_n = raw_dataset_json(raw, workdir, n)
+    base = {"images": raw["images"], "image_size": sizes.image_size, "max_len": sizes.max_len}
+    rows, per_run = [], {}
+    configs = [("plain", None), ("ours", 0), ("ours", 1), ("ours", 2)]
+    for mode, workers in configs:
+        times = []
+        for r in range(repeats):
+            out = workdir / f"prep_{mode}_{workers}_{r}"
+            out.mkdir(parents=True, exist_ok=True)
+            report = preprocess_child({**base, "mode": mode, "workers": workers, "json": json_n,
+                                       "out": str(out), "limit": n})
+            times.append(report["seconds"])
+        key = "plain PIL loop" if mode == "plain" else f"num_workers={workers}"
+        per_run[key] = times
+        name = ("preprocess plain PIL (full decode, resize)" if mode == "plain"
+                else f"preprocess create_input_files num_workers={workers}")
+        rows.append(rate(name, "preprocess", "ours" if mode == "ours" else "baseline", "images/s",
+                         n, times, mean_jpeg_kib=raw["mean_jpeg_kib"],
+                         raw_size=f"{sizes.raw_width}x{sizes.raw_height}"))
+    # Peak memory for N and 2N images (2 workers), each in a fresh process.
+    json_2n = raw_dataset_json(raw, workdir, 2 * n)
+    for count, json_path in ((n, json_n), (2 * n, json_2n)):
+        out = workdir / f"prep_mem_{count}"
+        out.mkdir(parents=True, exist_ok=True)
+        report = preprocess_child({**base, "mode": "ours", "workers": 2, "json": json_path,
+                                   "out": str(out), "limit": count})
+        rows.append({"name": f"preprocess peak RSS, {count} images (num_workers=2)",
+                     "group": "preprocess", "impl": "ours", "unit": "MiB",
+                     "value": report["self_max_rss_kib"] / 1024,
+                     "largest_worker_mib": report["largest_child_max_rss_kib"] / 1024,
+                     "images": count})
+    wm_path = out / "WORDMAP_bench_5_cap_per_img_1_min_word_freq.json"
+    from captioner.vocab import WordMap
+
+    word_map = WordMap.load(wm_path)
+    data = DataSet(out, "bench_5_cap_per_img_1_min_word_freq", len(word_map), word_map.special_ids)
+    return rows, data
+
+
+def prepare_only(sizes: Sizes, workdir: Path) -> DataSet:
+    """The 2N-image HDF5 dataset without timing (for --only loader/train)."""
+    n = 2 * sizes.preprocess_images
+    raw = write_raw_dataset(workdir / "raw", n, sizes)
+    out = workdir / f"prep_mem_{n}"
+    preprocess_child({"images": raw["images"], "image_size": sizes.image_size,
+                      "max_len": sizes.max_len, "mode": "ours", "workers": 2, "json": raw["json"],
+                      "out": str(out), "limit": n})
+    from captioner.vocab import WordMap
+
+    name = "bench_5_cap_per_img_1_min_word_freq"
+    word_map = WordMap.load(out / f"WORDMAP_{name}.json")
+    return DataSet(out, name, len(word_map), word_map.special_ids)
+
+
+# ---------------------------------------------------------------------------- loader
+def bench_loader(sizes: Sizes, device: torch.device, repeats: int, data: DataSet,
+                 workers_list: list[int]) -> list[dict]:
+    from captioner.data.dataset import CaptionH5Dataset
+
+    rows = []
+    for workers in workers_list:
+        dataset = CaptionH5Dataset(data.folder, data.name, "train",
+                                   captions_per_sample=sizes.captions_per_image)
+        batches = endless_batches(dataset, sizes.loader_batch, workers, device)
+        n = sizes.loader_batches
+
+        def run() -> None:
+            for _ in range(n):
+                batch = next(batches)
+                if device.type == "cuda":
+                    batch["images"].to(device, non_blocking=True)
+
+        times = measure(run, repeats, device)
+        rows.append(rate(f"loader CaptionH5Dataset workers={workers}", "loader", "ours",
+                         "images/s", n * sizes.loader_batch, times, workers=workers,
+                         batch=sizes.loader_batch, pin_memory=device.type == "cuda"))
+        del batches
+    return rows
+
+
+# ---------------------------------------------------------------------------- same math?
+def check_equivalence(seed: int = 0) -> dict:
+    """Tiny CPU check that the tutorial reference and ours compute the same things.
+
+    With shared weights, dropout off and eval-mode BatchNorm: the training loss and the
+    decoder gradients agree (ours runs the encoder once per image, the tutorial once per
+    caption row), and beam-3 search at batch size 1 (tutorial loop, ``<pad>``/``<start>``
+    banned as ours does) picks the same tokens with the same score as our batched search.
+    """
+    cpu = torch.device("cpu")
+    sizes = dataclasses.replace(QUICK, vocab_size=30, embed_dim=16, decoder_dim=16,
+                                attention_dim=16, max_len=12)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ids = special_ids(sizes)
+    module, _ = build_ours(sizes, cpu, fine_tune=False, dropout=0.0)
+    ours = module.captioner.eval()
+    with torch.no_grad():
+        ours.decoder.fc.weight.mul_(20.0)  # peaky distributions, so beams do finish
+    encoder, decoder, trainer = build_tutorial(sizes, cpu, fine_tune=False, dropout=0.0)
+    encoder.resnet.load_state_dict(ours.encoder.resnet.state_dict())
+    decoder.load_state_dict(ours.decoder.state_dict())
+    encoder.eval()
+    decoder.eval()
+
+    b, k, s = 2, 3, sizes.image_size
+    images = rng.integers(0, 256, (b, 3, s, s), dtype=np.uint8)
+    captions, lengths = synthetic_captions(rng, b * k, sizes, ids["pad_id"], ids["start_id"],
+                                           ids["end_id"])
+    out = ours(torch.from_numpy(images), torch.from_numpy(captions).view(b, k, -1),
+               torch.from_numpy(lengths).view(b, k))
+    loss_ours = caption_loss(out.logits, out.targets, out.mask, out.alphas).loss
+    dataset = tut.TutorialCaptionDataset(images, captions, lengths, captions_per_image=k)
+    imgs, caps, caplens = torch.utils.data.default_collate([dataset[i] for i in range(b * k)])
+    loss_tut, _ = trainer.loss(imgs, caps, caplens)
+    loss_ours.backward()
+    loss_tut.backward()
+    grad_diff = max(float((p.grad - q.grad).abs().max()) for p, q in
+                    zip(ours.decoder.parameters(), decoder.parameters()))
+
+    hyps = ours.generate(torch.from_numpy(images), beam_size=3, max_len=sizes.max_len)
+    same_tokens, score_diff, finished = True, 0.0, 0
+    for i in range(b):
+        tokens, score = tut.beam_search_one(encoder, decoder, imgs[i * k:i * k + 1], 3,
+                                            ids["start_id"], ids["end_id"], sizes.max_len,
+                                            banned_ids=(ids["pad_id"], ids["start_id"]))
+        best = hyps[i][0]
+        mine = best.tokens + ([ids["end_id"]] if best.finished else [])
+        same_tokens &= mine == tokens
+        score_diff = max(score_diff, abs(best.score - score))
+        finished += int(best.finished)
+    result = {"loss_abs_diff": abs(float(loss_ours.detach() - loss_tut.detach())), "decoder_grad_max_abs_diff": grad_diff,
+              "beam_same_tokens": bool(same_tokens), "beam_score_max_abs_diff": score_diff,
+              "beam_images_finished": f"{finished}/{b}"}
+    result["ok"] = (result["loss_abs_diff"] < 1e-4 and grad_diff < 1e-4 and same_tokens
+                    and score_diff < 1e-3)
+    return result
+
+
+# ---------------------------------------------------------------------------- ratios, table
+TARGETS = [  # (label, numerator (name, impl), denominator (name, impl), target)
+    ("train frozen: ours / tutorial captions/s", ("train frozen encoder", "ours"),
+     ("train frozen encoder", "tutorial"), ">= 4x (CPU)"),
+    ("train fine-tuned: ours / tutorial captions/s", ("train fine-tuned encoder (blocks 2-4)", "ours"),
+     ("train fine-tuned encoder (blocks 2-4)", "tutorial"), "(report)"),
+    ("decode beam-5: ours / tutorial images/s", ("decode beam-5 (test)", "ours"),
+     ("decode beam-5 (test)", "tutorial"), ">= 3x CPU, >= 30x GPU"),
+    ("preprocess: 2 / 1 worker processes", ("preprocess create_input_files num_workers=2", "ours"),
+     ("preprocess create_input_files num_workers=1", "ours"), ">= 1.7x"),
+    ("preprocess: 2 workers / in-process", ("preprocess create_input_files num_workers=2", "ours"),
+     ("preprocess create_input_files num_workers=0", "ours"), "(report)"),
+    ("preprocess per process: in-process / plain PIL",
+     ("preprocess create_input_files num_workers=0", "ours"),
+     ("preprocess plain PIL (full decode, resize)", "baseline"), ">= 2x"),
+]
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    by_key = {(r["name"], r["impl"]): r for r in rows}
+    out = []
+    for label, num, den, target in TARGETS:
+        if num in by_key and den in by_key:
+            out.append({"ratio": label, "value": by_key[num]["value"] / by_key[den]["value"],
+                        "target": target})
+    for r in rows:
+        if "coco_epoch_min" in r:
+            out.append({"ratio": "COCO epoch (113k images x 5 captions), frozen encoder, minutes",
+                        "value": r["coco_epoch_min"], "target": "<= 3 min on one H100"})
+    return out
+
+
+def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
+    lines = [f"{'benchmark':58} {'impl':9} {'median':>10} {'spread (min..max)':>22}  unit",
+             "-" * 110]
+    for r in rows:
+        spread = f"{r['low']:.3g}..{r['high']:.3g}" if "low" in r else ""
+        extra = ""
+        if "cuda_max_memory_allocated_mib" in r:
+            extra = f"  peak {r['cuda_max_memory_allocated_mib']:.0f} MiB"
+        if "largest_worker_mib" in r:
+            extra = f"  largest worker {r['largest_worker_mib']:.0f} MiB"
+        lines.append(f"{r['name']:58} {r['impl']:9} {r['value']:10.4g} {spread:>22}  {r['unit']}{extra}")
+    if ratio_rows:
+        lines += ["", f"{'ratio':58} {'value':>10}  target", "-" * 90]
+        lines += [f"{r['ratio']:58} {r['value']:10.3g}  {r['target']}" for r in ratio_rows]
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated groups to run, of {','.join(GROUPS)} (default: all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per benchmark (median)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a fast check")
+    parser.add_argument("--loader-workers", default=None,
+                        help="comma-separated DataLoader worker counts (default: 0,1,2 on CPU, "
+                             "0,4,8 on CUDA)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the JPEGs and HDF5 files go (default: a temp folder, removed)")
+    parser.add_argument("--out", default=None,
+                        help="JSON result path (default benchmarks/results/<machine>-<time>.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise SystemExit(f"--only: unknown group(s) {unknown}; choose from {','.join(GROUPS)}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    sizes = QUICK if args.quick else FULL
+    workers_list = ([int(w) for w in args.loader_workers.split(",")] if args.loader_workers
+                    else [0, 1, 2] if device.type == "cpu" else [0, 4, 8])
+    if args.quick and not args.loader_workers:
+        workers_list = [0, 2]
+    torch.manual_seed(0)
+
+    check = check_equivalence()
+    print(f"tutorial reference vs ours, same math: {'OK' if check['ok'] else 'MISMATCH'} {check}",
+          flush=True)
+    rows: list[dict] = []
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="captioner-bench-")
+    workdir = Path(args.workdir or tmp.name)
+    started = time.perf_counter()
+    try:
+        data = None
+        if "preprocess" in groups:
+            prep_rows, data = bench_preprocess(sizes, args.repeats, workdir)
+            rows += prep_rows
+            print(format_table(prep_rows, []), flush=True)
+        if data is None and ("loader" in groups or "train" in groups):
+            data = prepare_only(sizes, workdir)
+        if "loader" in groups:
+            rows += bench_loader(sizes, device, args.repeats, data, workers_list)
+        if "train" in groups:
+            rows += bench_train(sizes, device, args.repeats, data, max(workers_list))
+        if "decode" in groups:
+            rows += bench_decode(sizes, device, args.repeats)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    ratio_rows = ratios(rows)
+    print()
+    print(format_table(rows, ratio_rows))
+    report = {"machine": machine_info(device), "quick": args.quick, "repeats": args.repeats,
+              "groups": groups, "sizes": dataclasses.asdict(sizes), "equivalence": check, "wall_s": time.perf_counter() - started,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": rows, "ratios": ratio_rows}
+    if args.out:
+        out = Path(args.out)
+    else:
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", platform.node() or "machine")
+        out = RESULTS_DIR / f"{host}-{args.device}{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json_atomic(out, report)
+    print(f"\nwrote {out}")
+    return 0 if check["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
