@@ -85,6 +85,16 @@ def test_encoder_flattens_in_raster_order():
     torch.testing.assert_close(out[0, 1 * 3 + 2], grid[0, :, 1, 2])
 
 
+def test_channels_last_computes_the_same_features():
+    plain = tiny_encoder().eval()
+    fast = tiny_encoder(channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), plain(images))
+    assert fast.resnet[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _stage_params(enc: ImageEncoder, stage: int) -> list[nn.Parameter]:
     return [p for m in enc._stage_modules(stage) for p in m.parameters()]
 
@@ -363,6 +373,11 @@ def test_glove_vector_of_the_wrong_dimension_names_file_and_line(tmp_path, line)
 def tiny_captioner(**decoder_kwargs) -> Captioner:
     encoder = tiny_encoder(last_stage=1)
     return Captioner(encoder, tiny_decoder(encoder.encoder_dim, **decoder_kwargs), PAD, START, END)
+
+
+def test_captioner_refuses_an_encoder_decoder_dimension_mismatch():
+    with pytest.raises(ValueError, match="encoder_dim=64"):
+        Captioner(tiny_encoder(last_stage=2), tiny_decoder(64), PAD, START, END)
 
 
 def test_encode_treats_uint8_as_0_255_and_float_as_0_1():
