@@ -252,7 +252,7 @@ def test_sigkill_mid_write_then_rerun_gives_complete_files(raw, tmp_path, hook):
     result = run(raw, out)
     assert not result.noop and result.num_images == {"train": 6, "val": 2, "test": 2}
     assert not any(p.suffix == ".tmp" for p in out.iterdir())
-    clean = run(raw, tmp_path / "clean")
+    run(raw, tmp_path / "clean")
     assert output_bytes(out) == output_bytes(tmp_path / "clean")
 
 

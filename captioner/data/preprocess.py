@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, read_karpathy
-from captioner.vocab import WordMap, write_json_atomic
+from captioner.vocab import write_json_atomic
 
 log = logging.getLogger(__name__)
 
