@@ -141,6 +141,25 @@ def members(lines: list[str]) -> set[tuple[int, int, int]]:
     return {tuple(int(g) for g in m.groups()) for line in lines if (m := MEMBER_RE.search(line))}
 
 
+# ---------------------------------------------------------------------- launcher config
+def test_launcher_config_takes_tasks_and_nodes_from_trainer():
+    """conf/hydra/launcher/submitit_slurm.yaml: every plugin field, tasks/nodes from the trainer."""
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True,
+                      overrides=["hydra/launcher=submitit_slurm", "trainer=ddp",
+                                 "trainer.devices=3", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    # The file itself lists every field (it cannot extend the schema it shadows; see its header).
+    own = OmegaConf.load(REPO / "conf/hydra/launcher/submitit_slurm.yaml")
+    assert set(own.keys()) == set(OmegaConf.structured(SlurmQueueConf).keys())
+    assert launcher._target_ == SlurmQueueConf._target_
+    assert (launcher.tasks_per_node, launcher.nodes) == (3, 2)
+
+
 # ---------------------------------------------------------------------- plumbing
 def test_two_tasks_see_their_rank_and_task_count(cluster, tmp_path):
     log = tmp_path / "job.out"
@@ -193,6 +212,8 @@ def check_one_run(output_root: Path, log_text: str) -> Path:
     assert len(runs) == 1, f"expected one run folder under {output_root / 'train'}: {runs}\n{log_text[-3000:]}"
     assert [p.parent for p in output_root.rglob("checkpoints") if p.is_dir()] == runs
     assert [p.parent for p in output_root.rglob("metrics.json")] == runs
+    # CSVLogger writes on global rank 0 only.
+    assert [p.parent.parent for p in output_root.rglob("metrics.csv")] == runs
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((runs[0] / "metrics.json").read_text())["metrics"]
     assert "fit_seconds" in metrics
@@ -240,6 +261,7 @@ def test_submitit_launcher_ddp_two_cpu_tasks(train_env, tmp_path):
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
     assert [p.parent for p in tmp_path.rglob("metrics.json")] == [sweep / "0"]
     assert [p.parent for p in tmp_path.rglob("checkpoints") if p.is_dir()] == [sweep / "0"]
+    assert [p.parent.parent for p in tmp_path.rglob("metrics.csv")] == [sweep / "0"]
 
 
 def test_sbatch_ddp_two_nodes_one_task_each(cluster, train_env, tmp_path):
