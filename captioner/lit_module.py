@@ -45,7 +45,7 @@ class CaptioningModule(L.LightningModule):
         image_mean, image_std: normalisation applied on the device to uint8 images.
         data: small dict describing the data the model was trained on (name, fingerprint, ...).
         word_map: the ``WordMap``; stored in every checkpoint and restored from it.
-        config: the resolved run config (plain dicts); stored in every checkpoint.
+        run_config: the resolved run config (plain dicts); stored in every checkpoint as "config".
     """
 
     def __init__(
@@ -73,16 +73,16 @@ class CaptioningModule(L.LightningModule):
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
         data: dict[str, Any] | None = None,
         word_map: WordMap | dict[str, int] | None = None,
-        config: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "word_map", "config"])
+        self.save_hyperparameters(ignore=["optimizer", "word_map", "run_config"])
         if isinstance(word_map, dict):
             word_map = WordMap.from_dict(word_map)
         if word_map is not None and len(word_map) != vocab_size:
             raise ValueError(f"word map has {len(word_map)} entries but vocab_size={vocab_size}")
         self.word_map = word_map
-        self.config = config
+        self.run_config = run_config
         self.optimizer_factory = optimizer
         if lr_patience < 1:
             raise ValueError(f"lr_patience must be >= 1, got {lr_patience}")
@@ -236,7 +236,7 @@ class CaptioningModule(L.LightningModule):
         word_map = self._require_word_map()
         checkpoint["word_map"] = word_map.to_dict()
         checkpoint["data_fingerprint"] = (self.hparams.data or {}).get("fingerprint")
-        checkpoint["config"] = self.config
+        checkpoint["config"] = self.run_config
         # The weights are in the state dict: rebuilding from this checkpoint never needs the
         # ImageNet download or the embeddings file again.
         hparams = copy.deepcopy(dict(checkpoint.get("hyper_parameters", {})))
@@ -257,5 +257,5 @@ class CaptioningModule(L.LightningModule):
                 "the model would emit the wrong words. Use the data the checkpoint was trained on "
                 "(same dataset, captions_per_image and min_word_freq).")
         self.word_map = stored
-        self.config = checkpoint.get("config")
+        self.run_config = checkpoint.get("config")
 

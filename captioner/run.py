@@ -99,7 +99,7 @@ def data_info(datamodule, word_map: WordMap) -> dict[str, Any]:
 
 def build_model(cfg: DictConfig, word_map: WordMap, datamodule) -> CaptioningModule:
     return instantiate(cfg.model, vocab_size=len(word_map), **word_map.special_ids, word_map=word_map,
-                       data=data_info(datamodule, word_map), config=_plain(cfg), _convert_="all")
+                       data=data_info(datamodule, word_map), run_config=_plain(cfg), _convert_="all")
 
 
 def load_weights(model: CaptioningModule, path: str | os.PathLike) -> None:
