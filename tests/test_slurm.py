@@ -59,6 +59,10 @@ def cluster() -> list[str]:
     """The names of the responding nodes of partition ``debug``; skips when there is no cluster."""
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         pytest.skip("sinfo/sbatch not found: install the cluster with `bash .ci/slurm/up.sh` (as root)")
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    if not conf.is_file():
+        # sinfo would retry a missing config for a minute.
+        pytest.skip(f"no Slurm config at {conf}: start the cluster with `bash .ci/slurm/up.sh`")
     try:
         out = _run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N %t"])
     except subprocess.TimeoutExpired:
