@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -98,8 +98,17 @@ def data_info(datamodule, word_map: WordMap) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig, word_map: WordMap, datamodule) -> CaptioningModule:
-    return instantiate(cfg.model, vocab_size=len(word_map), **word_map.special_ids, word_map=word_map,
-                       data=data_info(datamodule, word_map), run_config=_plain(cfg), _convert_="all")
+    """The LightningModule named by ``cfg.model._target_`` with the vocabulary-derived values.
+
+    Built by hand rather than by ``instantiate(cfg.model)``: the resolved run config passed in
+    for the checkpoint contains ``_target_`` keys that instantiate would try to build.
+    """
+    kwargs = _plain(cfg.model)
+    target = get_class(kwargs.pop("_target_"))
+    if cfg.model.get("optimizer") is not None:
+        kwargs["optimizer"] = instantiate(cfg.model.optimizer)
+    return target(**kwargs, vocab_size=len(word_map), **word_map.special_ids, word_map=word_map,
+                  data=data_info(datamodule, word_map), run_config=_plain(cfg))
 
 
 def load_weights(model: CaptioningModule, path: str | os.PathLike) -> None:
