@@ -380,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("output", help="where to write the .ckpt")
     parser.add_argument("--data-folder", default="data/coco/prepared",
                         help="folder with the tutorial's prepared HDF5/JSON files (stored as data.data_folder; "
-                             "evaluate also accepts data.data_folder=... later)")
+                             "evaluate.py also takes ++data.data_folder=... later)")
     parser.add_argument("--dataset", default="coco", help="dataset name in the file names (coco, flickr8k, flickr30k)")
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--min-word-freq", type=int, default=5,
@@ -399,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Wrote {args.output}: {hp['encoder']['arch']} encoder ({hp['encoder']['encoded_image_size']}^2 regions), "
           f"decoder {hp['decoder']}, vocabulary {hp['vocab_size']}, tutorial epoch "
           f"{checkpoint['tutorial']['epoch']}, BLEU-4 {checkpoint['tutorial']['bleu4']}")
-    print(f"Evaluate: python evaluate.py ckpt_path={args.output} data.data_folder={args.data_folder}")
+    print(f"Evaluate: python evaluate.py ckpt_path={args.output} ++data.data_folder={args.data_folder}\n"
+          f"Caption:  python -m captioner.caption ckpt_path={args.output} image=path/to/images")
     return 0
 
 

@@ -230,6 +230,42 @@ def test_converted_checkpoint_captions_files_like_the_tutorial(tutorial, convert
     assert result.ok and result.tokens == expected
 
 
+def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tmp_path, monkeypatch):
+    """evaluate.py on the converted checkpoint, data found through its stored data config."""
+    from PIL import Image
+
+    from captioner.data.preprocess import create_input_files
+    from captioner.run import evaluate
+    from conftest import compose
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    entries = []
+    for i, (split, which) in enumerate([("train", 0), ("train", 1), ("val", 1), ("test", 0)]):
+        Image.fromarray(tutorial["images"][which].permute(1, 2, 0).numpy()).save(raw / f"{i}.png")
+        tokens = CAPTIONS[which]
+        entries.append({"filename": f"{i}.png", "split": split, "cocoid": 100 + i,
+                        "sentences": [{"tokens": tokens, "raw": " ".join(tokens)}]})
+    (tmp_path / "karpathy.json").write_text(__import__("json").dumps({"dataset": "coco", "images": entries}))
+    prepared = tmp_path / "prepared"
+    result = create_input_files("coco", tmp_path / "karpathy.json", raw, captions_per_image=5, min_word_freq=1,
+                                output_folder=prepared, max_len=8, image_size=IMAGE_SIZE, num_workers=0,
+                                progress=False)
+    assert WordMap.load(result.word_map_path) == tutorial["word_map"]
+    out = tmp_path / "tutorial.ckpt"
+    assert main([str(tutorial["path"]), str(result.word_map_path), str(out), "--data-folder", str(prepared),
+                 "--min-word-freq", "1", "--image-size", str(IMAGE_SIZE)]) == 0
+
+    monkeypatch.chdir(tmp_path)  # the stored raw-data paths do not exist here: prepared files are used
+    cfg = compose("evaluate", [f"ckpt_path={out}", "trainer=cpu", "coco_metrics=false", "beam=3",
+                               "batch_size=2", "++data.num_workers=0", f"paths.output_root={tmp_path / 'outputs'}",
+                               f"paths.output_dir={tmp_path / 'outputs' / 'eval'}",
+                               "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"])
+    summary = evaluate(cfg)
+    assert summary["num_images"] == 1
+    assert summary["metrics"]["bleu4_nltk"] == pytest.approx(1.0)  # it reproduces its 7-word test caption
+
+
 # ----------------------------------------------------------------------------- detection
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_detect_resnet_arch_from_the_trunk_state_dict(arch):
