@@ -311,6 +311,18 @@ def test_workers_give_byte_identical_output(raw, tmp_path):
     assert output_bytes(tmp_path / "w0") == output_bytes(tmp_path / "w2")
 
 
+def test_workers_start_from_a_script_on_stdin(raw, tmp_path):
+    """Workers must not re-import __main__ (spawn would crash and respawn them forever)."""
+    script = (f"from captioner.data.preprocess import create_input_files\n"
+              f"create_input_files('tiny', {str(raw[0])!r}, {str(raw[1])!r}, 3, 1, "
+              f"{str(tmp_path / 'stdin')!r}, max_len=8, image_size={S}, num_workers=2, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run(raw, tmp_path / "w0")
+    assert output_bytes(tmp_path / "stdin") == output_bytes(tmp_path / "w0")
+
+
 def _save(img: Image.Image, path: Path, **kwargs) -> Path:
     img.save(path, **kwargs)
     return path

@@ -374,7 +374,10 @@ def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output
     if num_workers is None:
         num_workers = len(os.sched_getaffinity(0)) if total >= 4 * _CHUNKSIZE else 0
     staged: dict[str, tuple[Path, list[int]]] = {}
-    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
+    # fork, not spawn: spawned workers re-import __main__, which fails for stdin, notebooks and
+    # unguarded scripts (and a Pool then respawns crashing workers forever). The workers only
+    # run PIL and numpy, so the parent's torch/CUDA threads are not a concern.
+    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 0 else None
     try:
         for split, files in zip(SPLITS, paths):
             staged[split] = _stage_images(plans[split], split, files.images, image_size, cpi,
