@@ -7,7 +7,6 @@ import pickle
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader

@@ -7,7 +7,8 @@ loader has no ``DistributedSampler``) and calls its ``set_epoch`` with the fit l
 the start of every epoch, including after a resume, so the shuffling order and the
 ``captions_per_sample`` row choice of epoch ``e`` are the same in an uninterrupted and in a
 resumed run, for any number of (persistent, forked or spawned) workers. The module therefore
-keeps no state of its own to checkpoint.
+keeps no state of its own to checkpoint. (``Trainer(overfit_batches=...)`` swaps in a plain
+sequential sampler; items then use the dataset's own epoch, 0, so the rows stay fixed.)
 """
 
 from __future__ import annotations

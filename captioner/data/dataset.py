@@ -181,6 +181,7 @@ class CaptionH5Dataset(Dataset):
                              f"{images_path}), got {captions_per_sample}")
         self.captions_per_sample = cpi if captions_per_sample is None else int(captions_per_sample)
 
+        self._word_map_cache: WordMap | None = None
         self.has_reference_file = self.paths["references"].is_file()
         self.image_ids, self._references = self._load_references(keep_tokens=split != "train")
         self.epoch = 0
@@ -203,7 +204,7 @@ class CaptionH5Dataset(Dataset):
         return image_ids, (data["tokens"] if keep_tokens else None)
 
     def _word_map(self) -> WordMap:
-        if getattr(self, "_word_map_cache", None) is None:
+        if self._word_map_cache is None:
             path = word_map_file(self.data_folder, self.data_name)
             if not path.is_file():
                 raise FileNotFoundError(
