@@ -149,3 +149,23 @@ def test_generation_speed(tmp_path):
     generate_shapes(tmp_path, num_train=2000, num_val=0, num_test=0)
     rate = 2000 / (time.perf_counter() - start)
     assert rate >= 500, f"{rate:.0f} images/s"  # ~1,200-1,850/s on an idle 2-core machine
+
+
+def test_small_canvas_terminates_with_true_relations():
+    """At 32 px a large central first shape can leave no room for a second one; the scene
+    restarts instead of looping forever (seed 0, image 218 used to hang)."""
+    import random
+    import threading
+
+    from captioner.data.shapes import draw_scene, spatial_relations
+
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.extend(draw_scene(random.Random(f"shapes:0:{i}"), 32) for i in range(210, 230)),
+        daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "draw_scene did not terminate at 32 px"
+    for _, shapes, relations in results:
+        if len(shapes) == 2:
+            assert relations and relations == spatial_relations(shapes[0], shapes[1])

@@ -126,7 +126,13 @@ def draw_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, list[d
     background = rng.randint(15, 40)
     num_shapes = 1 if rng.random() < 0.4 else 2
     shapes: list[dict] = []
+    failures = 0
     while len(shapes) < num_shapes:
+        if failures >= 20:
+            # The first shape leaves no clear room for a second one (small canvases with a
+            # large, central first shape): start the scene over instead of looping forever.
+            shapes.clear()
+            failures = 0
         kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
         if shapes and (kind, colour) == (shapes[0]["kind"], shapes[0]["colour"]):
             continue  # two identical shapes would make "the red circle" ambiguous
@@ -140,6 +146,7 @@ def draw_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, list[d
             if not shapes or spatial_relations(shapes[0], shape):
                 break
         else:
+            failures += 1
             continue  # no clear placement for this size: draw another shape
         base = COLOURS[colour]
         shape["rgb"] = [min(255, max(0, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in base]
