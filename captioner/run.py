@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,7 +127,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
-    point_latest(run_dir, Path(cfg.paths.output_root) / cfg.task_name)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     # Idempotent and lock-protected, so every rank may call it; the word map is needed to
@@ -137,7 +137,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from"):
         load_weights(model, cfg.init_from)
 
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg))
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg)
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and cfg.get("auto_resume"):
         found = find_last_checkpoint(cfg.paths.output_root, cfg.task_name)
@@ -152,6 +156,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
         metrics["val/best_bleu4"] = float(checkpoint_cb.best_model_score)
     metrics["fit_seconds"] = time.perf_counter() - started
+    if checkpoint_cb is not None and (best or checkpoint_cb.last_model_path) and not trainer.fast_dev_run:
+        # Only runs that wrote a checkpoint become the one evaluate.py and caption use by default.
+        point_latest(run_dir, Path(cfg.paths.output_root) / cfg.task_name)
 
     if cfg.get("test_after_fit") and not trainer.fast_dev_run:
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -210,7 +217,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if "data" not in trained_cfg:
         raise ValueError(f"{ckpt_path} stores no data config; pass data._target_ and the data settings "
                          "explicitly (see conf/data/*.yaml)")
-    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), cfg.get("data") or {})
+    overrides = {k: v for k, v in (_plain(cfg.get("data")) or {}).items() if v is not None}
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), overrides)
     datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
     datamodule.prepare_data()
     search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}
