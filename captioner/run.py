@@ -122,6 +122,15 @@ def load_weights(model: CaptioningModule, path: str | os.PathLike) -> None:
     log.info("Initialised weights from %s", path)
 
 
+# ---------------------------------------------------------------------- prepare
+def prepare(cfg: DictConfig) -> None:
+    """Prepare ``cfg.data`` (generate shapes, preprocess to HDF5) exactly as training would."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    print(f"{datamodule.data_name}: prepared files in {datamodule.data_folder}, "
+          f"word map {datamodule.word_map_path} ({len(datamodule.word_map)} entries)")
+
+
 # ---------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""

@@ -374,3 +374,20 @@ def test_cli_writes_the_same_files(raw, tmp_path):
                    "--num_workers", "0", "--no_progress"])
     assert result.word_map_path == word_map_file(tmp_path / "cli", result.data_name)
     assert output_bytes(tmp_path / "api") == output_bytes(tmp_path / "cli")
+
+
+def test_hydra_route_prepares_the_training_data_config(tmp_path):
+    """`python -m captioner.data.preprocess data=shapes` writes the files train.py would use."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "captioner.data.preprocess", "data=shapes",
+           f"paths.data_dir={tmp_path / 'data'}", f"paths.output_root={tmp_path / 'outputs'}",
+           "data.synthetic.num_train=12", "data.synthetic.num_val=4", "data.synthetic.num_test=4"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    prepared = tmp_path / "data" / "shapes" / "prepared"
+    name = "shapes_5_cap_per_img_1_min_word_freq"
+    for split, count in (("TRAIN", 12), ("VAL", 4), ("TEST", 4)):
+        with h5py.File(prepared / f"{split}_IMAGES_{name}.hdf5") as f:
+            assert f["images"].shape == (count, 3, 64, 64)
+    assert (prepared / f"WORDMAP_{name}.json").is_file()

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -499,5 +500,22 @@ def main(argv: Sequence[str] | None = None) -> PreprocessResult:
     return result
 
 
+def hydra_main() -> None:
+    """``python -m captioner.data.preprocess data=coco``: the training data config, prepared alone."""
+    import hydra
+
+    from captioner import run
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="preprocess")
+    def _prepare(cfg) -> None:
+        run.prepare(cfg)
+
+    _prepare()
+
+
 if __name__ == "__main__":
-    main()
+    # Hydra overrides (key=value) use the training configs; --flags use the argparse interface.
+    if any("=" in arg and not arg.startswith("-") for arg in sys.argv[1:]):
+        hydra_main()
+    else:
+        main()
