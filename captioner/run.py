@@ -18,10 +18,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.callbacks import ImageRateProgressBar
 from captioner.lit_module import CaptioningModule
 from captioner.vocab import WordMap, write_json_atomic
 
@@ -83,6 +84,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     for name, conf in (cfg.get("callbacks") or {}).items():
         if conf is not None and "_target_" in conf:
             callbacks.append(instantiate(conf))
+    if not cfg.trainer.get("enable_progress_bar", True):  # the Trainer refuses a bar it may not show
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return callbacks
 
 
@@ -233,7 +236,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}
     model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True,
                                                   word_map=datamodule.word_map, test_search=search)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], _convert_="all")
+    bars = [ImageRateProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=bars, _convert_="all")
     datamodule.setup("test" if cfg.split == "test" else "validate")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
     started = time.perf_counter()
