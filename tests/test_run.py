@@ -1,0 +1,318 @@
+"""End-to-end training: configs compose to the documented values, and a tiny shapes run writes
+metrics, checkpoints (word map, data fingerprint, config) and TensorBoard logs that other code relies on.
+
+One tiny run (48 train / 16 val / 16 test images, 16-wide decoder) is trained once per module and
+shared; tests that need their own run reuse its prepared data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from captioner import run
+from captioner.lit_module import CaptioningModule
+from captioner.vocab import WordMap
+from conftest import CONF, ROOT, compose, tiny_overrides
+
+DATA_NAME = "shapes_5_cap_per_img_1_min_word_freq"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+DEBUGS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------- helpers
+def run_overrides(root: Path, data_dir: Path, extra: list[str] = (), **sizes) -> list[str]:
+    """``tiny_overrides(root)`` with the data under ``data_dir``; ``extra`` replaces keys it repeats."""
+    merged: dict[str, str] = {}
+    for item in tiny_overrides(root, **sizes) + [f"paths.data_dir={data_dir}"] + list(extra):
+        merged[item.split("=", 1)[0]] = item
+    return list(merged.values())
+
+
+class Probe:
+    """A Lightning callback calling ``fn(trainer, module)`` at one hook (added via ``run.build_callbacks``)."""
+
+    def __init__(self, hook: str, fn):
+        from lightning.pytorch import Callback
+
+        self.callback = type("ProbeCallback", (Callback,), {hook: lambda _, t, m: fn(t, m)})()
+
+
+def train_with(cfg, callbacks=()) -> tuple[dict[str, float], CaptioningModule | None]:
+    """``run.train(cfg)`` with extra callbacks; returns its metrics and the module it tested."""
+    tested: list[CaptioningModule] = []
+    build_callbacks, report_test = run.build_callbacks, run.report_test
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "build_callbacks", lambda c: build_callbacks(c) + list(callbacks))
+        mp.setattr(run, "report_test", lambda model, n: (tested.append(model), report_test(model, n)))
+        metrics = run.train(cfg)
+    return metrics, (tested[0] if tested else None)
+
+
+def test_images(data_dir: Path, n: int = 6) -> torch.Tensor:
+    """The first ``n`` prepared test images, uint8 (n, 3, S, S)."""
+    import h5py
+
+    with h5py.File(data_dir / "shapes" / "prepared" / f"TEST_IMAGES_{DATA_NAME}.hdf5", "r") as h5:
+        return torch.from_numpy(h5["images"][:n])
+
+
+test_images.__test__ = False  # a helper, not a test
+
+
+def captions_of(model: CaptioningModule, images: torch.Tensor, beam_size: int = 3):
+    model.eval()
+    with torch.no_grad():
+        hyps = model.captioner.generate(images, beam_size=beam_size, max_len=20, num_return=beam_size)
+    return [[(h.tokens, h.score) for h in per_image] for per_image in hyps]
+
+
+def tb_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny quickstart run: (root, cfg, metrics, the module after its test, run folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = compose("train", run_overrides(root, root / "data", [
+            "model.test_search.beam_size=2", "trainer.log_every_n_steps=1"]))
+        metrics, model = train_with(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "cfg": cfg, "metrics": metrics, "model": model,
+            "run_dir": Path(cfg.paths.output_dir), "data_dir": root / "data"}
+
+
+# ---------------------------------------------------------------------- configs
+EXPECTED = {
+    "quickstart": {"model.encoder.arch": "resnet18", "model.encoder.last_stage": 3,
+                   "model.encoder.pretrained": False, "data.dataset": "shapes",
+                   "trainer.accelerator": "cpu"},
+    "coco_frozen_encoder": {"model.encoder.arch": "resnet101", "model.fine_tune_encoder": False,
+                            "model.decoder_lr": 4e-4, "data.dataset": "coco"},
+    "coco_finetune_encoder": {"model.encoder.arch": "resnet101", "model.fine_tune_encoder": True,
+                              "model.encoder.fine_tune_from": 2, "model.encoder_lr": 1e-4,
+                              "model.decoder_lr": 4e-4, "data.dataset": "coco", "init_from": "x"},
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_with_documented_values(name, tmp_path):
+    overrides = [f"experiment={name}", f"paths.output_dir={tmp_path}"]
+    if name == "coco_finetune_encoder":
+        overrides.append("init_from=x")
+    cfg = compose("train", overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["model"]["_target_"] == "captioner.lit_module.CaptioningModule"
+    for key, value in EXPECTED.get(name, {}).items():
+        assert OmegaConf.select(cfg, key) == value, f"experiment={name}: {key}"
+
+
+@pytest.mark.xfail(strict=True, reason="OmegaConf ignores '???' merged onto train.yaml's init_from: null, so "
+                   "experiment=coco_finetune_encoder silently starts from scratch (conf fix pending)")
+def test_finetune_experiment_requires_init_from(tmp_path):
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = compose("train", ["experiment=coco_finetune_encoder", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(MissingMandatoryValue):
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("name", DEBUGS)
+def test_debug_configs_compose(name, tmp_path):
+    cfg = compose("train", tiny_overrides(tmp_path) + [f"debug={name}"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if name == "fast":
+        assert cfg.trainer.fast_dev_run is True
+    if name == "overfit":
+        assert cfg.trainer.overfit_batches == 2 and cfg.model.decoder.dropout == 0.0
+        assert cfg.callbacks.early_stopping is None
+
+
+def test_cli_override_shows_in_job_config():
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.fine_tune_encoder=true",
+                          "--cfg", "job"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    job = OmegaConf.create(out.stdout)
+    assert job.model.fine_tune_encoder is True
+    assert job.model.encoder.arch == "resnet101"  # the default model is untouched otherwise
+
+
+# ---------------------------------------------------------------------- one tiny run
+def test_metrics_json_has_bleu_in_unit_range(trained):
+    saved = json.loads((trained["run_dir"] / "metrics.json").read_text())
+    for key in ("val/bleu4", "test/bleu4", "val/best_bleu4"):
+        assert 0.0 <= saved["metrics"][key] <= 1.0, key
+    assert saved["metrics"]["test/bleu4"] == pytest.approx(trained["metrics"]["test/bleu4"])
+    assert Path(saved["best_checkpoint"]) == trained["run_dir"] / "checkpoints" / "best.ckpt"
+
+
+def test_checkpoints_and_latest_link(trained):
+    checkpoints = trained["run_dir"] / "checkpoints"
+    assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "last.ckpt").is_file()
+    link = trained["root"] / "outputs" / "train" / "latest"
+    assert link.is_symlink()
+    assert link.resolve() == trained["run_dir"].resolve()
+    assert not os.path.isabs(os.readlink(link))  # relative: the outputs folder can move
+    assert run.latest_run(trained["root"] / "outputs") == trained["run_dir"].resolve()
+
+
+def test_checkpoint_contents(trained):
+    checkpoint = torch.load(trained["run_dir"] / "checkpoints" / "best.ckpt", weights_only=True)
+    prepared = json.loads((trained["data_dir"] / "shapes" / "prepared" / f"WORDMAP_{DATA_NAME}.json").read_text())
+    assert checkpoint["word_map"] == prepared
+    assert isinstance(checkpoint["data_fingerprint"], str) and checkpoint["data_fingerprint"]
+    assert checkpoint["hyper_parameters"]["data"]["fingerprint"] == checkpoint["data_fingerprint"]
+    config = checkpoint["config"]
+    assert config["data"]["dataset"] == "shapes"
+    assert config["model"]["decoder"]["decoder_dim"] == 16
+    assert checkpoint["hyper_parameters"]["encoder"]["pretrained"] is False
+    assert checkpoint["hyper_parameters"]["vocab_size"] == len(prepared)
+
+
+def test_tensorboard_logs(trained):
+    acc = tb_events(trained["run_dir"] / "tensorboard")
+    tags = acc.Tags()
+    # Lightning names a value logged on_step and on_epoch "<key>_step" and "<key>_epoch".
+    expected = {"train/loss_step", "train/loss_epoch", "val/loss", "val/top5", "lr-Adam/decoder",
+                *(f"val/bleu{n}" for n in range(1, 5))}
+    assert expected <= set(tags["scalars"])
+    for n in range(1, 5):
+        assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars(f"val/bleu{n}"))
+    assert acc.Scalars("lr-Adam/decoder")[0].value == pytest.approx(trained["cfg"].model.decoder_lr)
+    assert "val/attention" in tags["images"]
+    text_tags = [t for t in tags["tensors"] if t.startswith("val/examples")]
+    assert text_tags
+    table = acc.Tensors(text_tags[0])[0].tensor_proto.string_val[0].decode()
+    assert table.strip()
+
+
+def test_csv_logger_writes_val_bleu4(trained, tmp_path):
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "logger=csv", "test_after_fit=false", "++trainer.limit_train_batches=1"]))
+    run.train(cfg)
+    import csv
+
+    csv_files = list((tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv"))
+    assert len(csv_files) == 1
+    rows = list(csv.DictReader(csv_files[0].open()))
+    values = [float(r["val/bleu4"]) for r in rows if r.get("val/bleu4")]
+    assert len(values) == 1 and 0.0 <= values[0] <= 1.0
+
+
+def test_checkpoint_reloads_elsewhere_with_same_captions(trained, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "copied"
+    elsewhere.mkdir()
+    copy = elsewhere / "model.ckpt"
+    shutil.copy(trained["run_dir"] / "checkpoints" / "best.ckpt", copy)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    images = test_images(trained["data_dir"])
+    in_memory = trained["model"].cpu()  # holds best.ckpt's weights: training tested with them
+    loaded = CaptioningModule.load_from_checkpoint(copy, map_location="cpu", weights_only=True)
+    assert loaded.word_map == in_memory.word_map
+    expected, actual = in_memory.captioner.state_dict(), loaded.captioner.state_dict()
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert captions_of(loaded, images) == captions_of(in_memory, images)
+    assert loaded.run_config["model"]["decoder"]["decoder_dim"] == 16
+
+
+def test_load_with_other_word_map_is_refused(trained):
+    words = trained["model"].word_map.to_dict()
+    other = dict(words)
+    renamed = next(w for w in words if not w.startswith("<"))
+    other[renamed + "_x"] = other.pop(renamed)  # same size, one different word
+    with pytest.raises(ValueError, match="word map"):
+        CaptioningModule.load_from_checkpoint(trained["run_dir"] / "checkpoints" / "best.ckpt",
+                                              map_location="cpu", weights_only=True,
+                                              word_map=WordMap.from_dict(other))
+
+
+def test_init_from_other_word_map_is_refused(trained, tmp_path):
+    checkpoint = torch.load(trained["run_dir"] / "checkpoints" / "best.ckpt", weights_only=True)
+    words = checkpoint["word_map"]
+    renamed = next(w for w in words if not w.startswith("<"))
+    words[renamed + "_x"] = words.pop(renamed)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(checkpoint, foreign)
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [f"init_from={foreign}"]))
+    with pytest.raises(ValueError, match="word map"):
+        run.train(cfg)
+    assert not (tmp_path / "outputs" / "run" / "checkpoints").exists()
+
+
+def test_init_from_copies_weights_with_fresh_optimizer(trained, tmp_path):
+    source = trained["run_dir"] / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(source, weights_only=True)
+    assert checkpoint["global_step"] > 0 and checkpoint["optimizer_states"][0]["state"]
+    seen = {}
+
+    def record(trainer, module):
+        seen["state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        seen["optimizer_state"] = dict(trainer.optimizers[0].state)
+        seen["step"], seen["epoch"] = trainer.global_step, trainer.current_epoch
+
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        f"init_from={source}", "test_after_fit=false", "logger=none",
+        "++trainer.limit_train_batches=1", "++trainer.limit_val_batches=1"]))
+    train_with(cfg, [Probe("on_train_start", record).callback])
+    stored = checkpoint["state_dict"]
+    assert seen["state"].keys() == stored.keys()
+    assert all(torch.equal(seen["state"][k], stored[k]) for k in stored)
+    assert seen["optimizer_state"] == {} and seen["step"] == 0 and seen["epoch"] == 0
+
+
+def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, tmp_path):
+    best = tmp_path / "outputs" / "run" / "checkpoints" / "best.ckpt"
+    before = {}
+
+    def poison(trainer, module):
+        if trainer.current_epoch == 1:
+            before["bytes"], before["mtime"] = best.read_bytes(), best.stat().st_mtime_ns
+            with torch.no_grad():
+                next(module.captioner.decoder.parameters()).fill_(float("nan"))
+
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "trainer.max_epochs=2", "logger=none", "++trainer.limit_val_batches=1"]))
+    with pytest.raises(FloatingPointError, match="non-finite training loss.*epoch 1"):
+        train_with(cfg, [Probe("on_train_epoch_start", poison).callback])
+    assert before, "the NaN was never injected"
+    assert best.read_bytes() == before["bytes"] and best.stat().st_mtime_ns == before["mtime"]
+    assert torch.load(best, weights_only=True)["epoch"] == 0
+
+
+# ---------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_shapes_training_improves_bleu(tmp_path):
+    """A fixed-seed run on a learnable set: val BLEU-4 after the last epoch beats epoch 1's."""
+    cfg = compose("train", run_overrides(tmp_path, tmp_path / "data", [
+        "logger=csv", "test_after_fit=false", "trainer.max_epochs=3", "data.batch_size=16",
+        "model.decoder.embed_dim=64", "model.decoder.decoder_dim=64", "model.decoder.attention_dim=64",
+        "model.decoder.dropout=0.0"], num_train=400, num_eval=32))
+    metrics = run.train(cfg)
+    import csv
+
+    rows = csv.DictReader(next((tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv")).open())
+    bleu4 = [float(r["val/bleu4"]) for r in rows if r.get("val/bleu4")]
+    assert len(bleu4) == 3
+    assert bleu4[-1] > bleu4[0]
+    assert bleu4[-1] > 0.05
+    assert metrics["val/best_bleu4"] == pytest.approx(max(bleu4))
