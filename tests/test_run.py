@@ -302,17 +302,18 @@ def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, tmp_path):
 # ---------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_shapes_training_improves_bleu(tmp_path):
-    """A fixed-seed run on a learnable set: val BLEU-4 after the last epoch beats epoch 1's."""
+    """A fixed-seed run on a learnable set (400 images, 5 epochs): val BLEU rises well above epoch 1's."""
     cfg = compose("train", run_overrides(tmp_path, tmp_path / "data", [
-        "logger=csv", "test_after_fit=false", "trainer.max_epochs=3", "data.batch_size=16",
+        "logger=csv", "test_after_fit=false", "trainer.max_epochs=5", "data.batch_size=16",
         "model.decoder.embed_dim=64", "model.decoder.decoder_dim=64", "model.decoder.attention_dim=64",
         "model.decoder.dropout=0.0"], num_train=400, num_eval=32))
     metrics = run.train(cfg)
     import csv
 
     rows = csv.DictReader(next((tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv")).open())
-    bleu4 = [float(r["val/bleu4"]) for r in rows if r.get("val/bleu4")]
-    assert len(bleu4) == 3
-    assert bleu4[-1] > bleu4[0]
-    assert bleu4[-1] > 0.05
-    assert metrics["val/best_bleu4"] == pytest.approx(max(bleu4))
+    epochs = [(float(r["val/bleu1"]), float(r["val/bleu4"])) for r in rows if r.get("val/bleu4")]
+    assert len(epochs) == 5
+    (bleu1_first, bleu4_first), (bleu1_last, _) = epochs[0], epochs[-1]
+    assert bleu1_last > bleu1_first + 0.1
+    assert metrics["val/best_bleu4"] > bleu4_first + 0.1
+    assert metrics["val/best_bleu4"] == pytest.approx(max(b4 for _, b4 in epochs))
