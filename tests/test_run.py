@@ -57,15 +57,13 @@ def train_with(cfg, callbacks=()) -> tuple[dict[str, float], CaptioningModule | 
     return metrics, (tested[0] if tested else None)
 
 
-def test_images(data_dir: Path, n: int = 6) -> torch.Tensor:
+def split_images(data_dir: Path, n: int = 6) -> torch.Tensor:
     """The first ``n`` prepared test images, uint8 (n, 3, S, S)."""
     import h5py
 
     with h5py.File(data_dir / "shapes" / "prepared" / f"TEST_IMAGES_{DATA_NAME}.hdf5", "r") as h5:
         return torch.from_numpy(h5["images"][:n])
 
-
-test_images.__test__ = False  # a helper, not a test
 
 
 def captions_of(model: CaptioningModule, images: torch.Tensor, beam_size: int = 3):
@@ -224,7 +222,7 @@ def test_checkpoint_reloads_elsewhere_with_same_captions(trained, tmp_path, monk
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    images = test_images(trained["data_dir"])
+    images = split_images(trained["data_dir"])
     in_memory = trained["model"].cpu()  # holds best.ckpt's weights: training tested with them
     loaded = CaptioningModule.load_from_checkpoint(copy, map_location="cpu", weights_only=True)
     assert loaded.word_map == in_memory.word_map
