@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
@@ -61,9 +63,44 @@ def latest_run(output_root: str | os.PathLike, task_name: str = "train") -> Path
 
 
 def find_last_checkpoint(output_root: str | os.PathLike, task_name: str = "train") -> Path | None:
-    """The newest ``checkpoints/last.ckpt`` of any run of ``task_name`` (for auto-resume)."""
+    """The newest ``checkpoints/last.ckpt`` of any run of ``task_name`` (``auto_resume=newest``)."""
     candidates = list((Path(output_root) / task_name).glob("*/checkpoints/last.ckpt"))
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+AUTO_RESUME_MODES = ("false", "true", "newest")
+
+
+def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
+                           checkpoint_dirs: list[str | os.PathLike], output_root: str | os.PathLike,
+                           task_name: str = "train") -> Path | None:
+    """The checkpoint ``auto_resume`` resumes from, or None to start fresh.
+
+    Args:
+        mode: ``false``/None: never. ``true``: only the current run folder, so a requeued Slurm job
+            (whose folder is named by ``SLURM_JOB_ID``) or a rerun with the same ``hydra.run.dir``
+            continues itself and a new run never picks up another run's state. ``"newest"``: the
+            current run folder first, else the newest ``checkpoints/last.ckpt`` of any run of
+            ``task_name`` under ``output_root`` (only for an output root that holds one experiment).
+        run_dir: the current run folder; its Lightning ``hpc_ckpt_*.ckpt`` files count too.
+        checkpoint_dirs: the ``dirpath`` of every ModelCheckpoint; their ``last.ckpt`` counts.
+        output_root, task_name: where ``"newest"`` looks (``output_root/task_name/*``).
+
+    Returns:
+        The newest (by modification time) candidate of the current run, else the fallback.
+    """
+    key = str(mode).lower() if mode is not None else "false"
+    if key not in AUTO_RESUME_MODES:
+        raise ValueError(f"auto_resume={mode!r}: use false, true (this run folder's last.ckpt) or "
+                         "newest (this run folder, else the newest run under paths.output_root)")
+    if key == "false":
+        return None
+    run_dir = Path(run_dir)
+    candidates = [Path(d) / "last.ckpt" for d in checkpoint_dirs] + list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    candidates = [p for p in candidates if p.is_file()]
+    if candidates:
+        return max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    return find_last_checkpoint(output_root, task_name) if key == "newest" else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -134,6 +171,117 @@ def prepare(cfg: DictConfig) -> None:
           f"word map {datamodule.word_map_path} ({len(datamodule.word_map)} entries)")
 
 
+# ---------------------------------------------------------------------- exact resume
+class ExactResume(L.Callback):
+    """What Lightning's checkpoints leave out for an exact resume from an epoch-end checkpoint.
+
+    * Random state: the global RNGs (torch, numpy, random) are reseeded from ``(seed, epoch)``
+      at the start of every training epoch and from ``(seed, epoch, batch_idx)`` before every
+      training batch, so dropout masks do not depend on whether earlier epochs ran in this
+      process, nor on when Lightning creates the loader iterator after a restart (creating it
+      draws a number from the global generator). The data order is already a function of
+      ``(seed, epoch)`` (see ``EpochAwareSampler``). DataLoader worker seeds come from the
+      generator when the iterator is created; the datasets draw no random numbers in workers.
+    * Epoch-interval LR schedulers: checkpoints are written at the end of the epoch, before
+      Lightning steps the schedulers, and Lightning skips that step when it restarts from such a
+      checkpoint (it does not store the monitored value). The callback stores the monitored value
+      and each scheduler's ``last_epoch`` in the checkpoint and, after a restart, performs the
+      missing step once, before the first resumed epoch; a scheduler that was stepped is left alone.
+
+    Args:
+        seed: the run's seed (``cfg.seed``).
+    """
+
+    KEY = "captioner_exact_resume"
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._pending: list[dict[str, Any]] | None = None
+
+    def derived_seed(self, *keys: int) -> int:
+        """A 32-bit seed for ``(seed, *keys)``, the same on every rank (like ``seed_everything``)."""
+        return int(np.random.SeedSequence([self.seed, *map(int, keys)]).generate_state(1)[0])
+
+    @staticmethod
+    def _reseed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            self._step_missed_schedulers(trainer)
+        self._reseed(self.derived_seed(trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._reseed(self.derived_seed(trainer.current_epoch, batch_idx))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            value = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            schedulers.append({"interval": config.interval, "monitor": config.monitor,
+                               "value": None if value is None else float(value),
+                               "last_epoch": int(getattr(config.scheduler, "last_epoch", -1))})
+        checkpoint[self.KEY] = {"epoch": trainer.current_epoch, "schedulers": schedulers}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self.KEY)
+        self._pending = None if state is None else state["schedulers"]
+        self._saved_epoch = None if state is None else state["epoch"]
+
+    def _step_missed_schedulers(self, trainer: L.Trainer) -> None:
+        saved, self._pending = self._pending, None
+        if trainer.current_epoch <= self._saved_epoch:  # restarted inside the saved epoch
+            return
+        for config, state in zip(trainer.lr_scheduler_configs, saved):
+            scheduler = config.scheduler
+            if config.interval != "epoch" or getattr(scheduler, "last_epoch", None) != state["last_epoch"]:
+                continue
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if state["value"] is None:
+                    log.warning("resume: %s was not logged when the checkpoint was written; the LR "
+                                "scheduler's step for epoch %d is skipped", state["monitor"], self._saved_epoch)
+                    continue
+                scheduler.step(state["value"])
+            else:
+                scheduler.step()
+            log.info("resume: stepped the LR scheduler for epoch %d (%s=%s), as the uninterrupted run did",
+                     self._saved_epoch, state["monitor"], state["value"])
+
+
+# ---------------------------------------------------------------------- batch sizes
+def batch_summary(trainer: L.Trainer, datamodule) -> dict[str, int]:
+    """Per-device and effective (per optimiser step) batch sizes, in images and captions.
+
+    ``data.batch_size`` is per device (per DDP process); each training image brings
+    ``captions_per_sample`` captions (all ``captions_per_image`` when null). Learning rates are
+    used as configured, never scaled with the effective batch.
+    """
+    images = int(datamodule.batch_size)
+    captions = int(getattr(datamodule, "captions_per_sample", None) or datamodule.captions_per_image)
+    factor = int(trainer.num_devices) * int(trainer.num_nodes) * int(trainer.accumulate_grad_batches)
+    return {"images_per_device": images, "captions_per_image": captions,
+            "captions_per_device": images * captions, "devices": int(trainer.num_devices),
+            "num_nodes": int(trainer.num_nodes), "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "effective_images": images * factor, "effective_captions": images * captions * factor}
+
+
+@rank_zero_only
+def log_batch_summary(batch: dict[str, int], model: CaptioningModule) -> None:
+    """One line in the run's log: per-device and effective batch, and the (unscaled) learning rates."""
+    lrs = ", ".join(f"{k}={model.hparams[k]:g}" for k in ("decoder_lr", "encoder_lr") if k in model.hparams)
+    log.info(
+        f"Batch: {batch['images_per_device']} images/device x {batch['captions_per_image']} captions/image "
+        f"= {batch['captions_per_device']} captions/device; {batch['devices']} devices x {batch['num_nodes']} "
+        f"nodes x {batch['accumulate_grad_batches']} accumulate_grad_batches -> effective "
+        f"{batch['effective_images']} images, {batch['effective_captions']} captions per optimiser step. "
+        f"Learning rates are not scaled with the batch ({lrs}).")
+
+
 # ---------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
@@ -153,12 +301,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    callbacks.append(ExactResume(cfg.seed))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    batch = batch_summary(trainer, datamodule)
+    log_batch_summary(batch, model)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None and cfg.get("auto_resume"):
-        found = find_last_checkpoint(cfg.paths.output_root, cfg.task_name)
+        checkpoint_dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
+        found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
+                                       cfg.paths.output_root, cfg.task_name)
         ckpt_path = str(found) if found else None
-        log.info("auto_resume: %s", ckpt_path or "no last.ckpt found, starting fresh")
+        if trainer.is_global_zero:
+            log.info("auto_resume=%s: %s", cfg.auto_resume,
+                     f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
+    if ckpt_path and cfg.get("init_from"):
+        raise ValueError(f"ckpt_path={ckpt_path} resumes a run (weights, optimiser, loop) and "
+                         f"init_from={cfg.init_from} starts one from weights: pass only one of them")
 
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -179,7 +337,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         report_test(model, cfg.get("num_print_examples", 5))
     elif cfg.get("test_after_fit") and trainer.fast_dev_run:
         trainer.test(model, datamodule=datamodule)
-    write_metrics(run_dir / "metrics.json", metrics, best_checkpoint=best)
+    write_metrics(run_dir / "metrics.json", metrics, best_checkpoint=best, batch=batch)
     return metrics
 
 
