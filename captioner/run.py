@@ -285,6 +285,9 @@ def log_batch_summary(batch: dict[str, int], model: CaptioningModule) -> None:
 # ---------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes a run (weights, optimiser, scheduler, loop) and "
+                         f"init_from={cfg.init_from} starts a new one from weights only: pass one of them")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
 
@@ -314,9 +317,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             log.info("auto_resume=%s: %s", cfg.auto_resume,
                      f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
-    if ckpt_path and cfg.get("init_from"):
-        raise ValueError(f"ckpt_path={ckpt_path} resumes a run (weights, optimiser, loop) and "
-                         f"init_from={cfg.init_from} starts one from weights: pass only one of them")
+            if ckpt_path and cfg.get("init_from"):  # a requeued stage-2 job continues itself
+                log.info("init_from=%s is superseded by the resumed checkpoint", cfg.init_from)
+    own_dirs = {Path(cb.dirpath).resolve() for cb in trainer.checkpoint_callbacks if cb.dirpath}
+    if (ckpt_path and trainer.is_global_zero and own_dirs
+            and Path(ckpt_path).resolve().parent not in own_dirs | {run_dir.resolve()}):
+        log.warning("Resuming %s in another run folder (%s): ModelCheckpoint starts its best-score tracking "
+                    "afresh here. To keep the best checkpoint and score, resume in the same folder: "
+                    "hydra.run.dir=<that run folder>", ckpt_path, run_dir)
 
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
