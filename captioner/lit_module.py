@@ -136,8 +136,12 @@ class CaptioningModule(L.LightningModule):
                 f"step {self.global_step}: cross-entropy {losses.cross_entropy.item()}, attention penalty "
                 f"{losses.attention_penalty.item()}. Training stopped; the best checkpoint is untouched. "
                 "Lower the learning rate, keep gradient clipping on, or use precision=32-true.")
-        self.log("train/loss", losses.loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=num_captions)
-        self.log("train/top5", top5, on_step=True, on_epoch=True, batch_size=num_captions)
+        # Step values under the plain keys; epoch means get their own keys (not Lightning's
+        # automatic _step/_epoch suffixes, so train/loss is what TensorBoard shows).
+        self.log("train/loss", losses.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=num_captions)
+        self.log("train/top5", top5, on_step=True, on_epoch=False, batch_size=num_captions)
+        self.log("train/loss_epoch", losses.loss, on_step=False, on_epoch=True, batch_size=num_captions)
+        self.log("train/top5_epoch", top5, on_step=False, on_epoch=True, batch_size=num_captions)
         return losses.loss
 
     # ------------------------------------------------------------------ evaluation

@@ -285,6 +285,9 @@ def log_batch_summary(batch: dict[str, int], model: CaptioningModule) -> None:
 # ---------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
+    if cfg.get("init_from_required") and not cfg.get("init_from"):
+        raise ValueError("this experiment fine-tunes stage 1's model: pass "
+                         "init_from=outputs/train/<stage 1 run>/checkpoints/best.ckpt")
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ValueError(f"ckpt_path={cfg.ckpt_path} resumes a run (weights, optimiser, scheduler, loop) and "
                          f"init_from={cfg.init_from} starts a new one from weights only: pass one of them")

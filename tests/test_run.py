@@ -122,14 +122,12 @@ def test_experiment_composes_with_documented_values(name, tmp_path):
         assert OmegaConf.select(cfg, key) == value, f"experiment={name}: {key}"
 
 
-@pytest.mark.xfail(strict=True, reason="OmegaConf ignores '???' merged onto train.yaml's init_from: null, so "
-                   "experiment=coco_finetune_encoder silently starts from scratch (conf fix pending)")
 def test_finetune_experiment_requires_init_from(tmp_path):
-    from omegaconf.errors import MissingMandatoryValue
-
-    cfg = compose("train", ["experiment=coco_finetune_encoder", f"paths.output_dir={tmp_path}"])
-    with pytest.raises(MissingMandatoryValue):
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    cfg = compose("train", ["experiment=coco_finetune_encoder", f"paths.output_dir={tmp_path}",
+                            f"paths.output_root={tmp_path}", f"paths.data_dir={tmp_path / 'data'}"])
+    with pytest.raises(ValueError, match="init_from="):
+        run.train(cfg)
+    assert not (tmp_path / "data").exists()  # refused before touching any data
 
 
 @pytest.mark.parametrize("name", DEBUGS)
@@ -188,7 +186,7 @@ def test_tensorboard_logs(trained):
     acc = tb_events(trained["run_dir"] / "tensorboard")
     tags = acc.Tags()
     # Lightning names a value logged on_step and on_epoch "<key>_step" and "<key>_epoch".
-    expected = {"train/loss_step", "train/loss_epoch", "val/loss", "val/top5", "lr-Adam/decoder",
+    expected = {"train/loss", "train/loss_epoch", "train/top5", "val/loss", "val/top5", "lr-Adam/decoder",
                 *(f"val/bleu{n}" for n in range(1, 5))}
     assert expected <= set(tags["scalars"])
     for n in range(1, 5):
