@@ -1,0 +1,235 @@
+"""Exact resume: a run killed mid-epoch and resumed from ``last.ckpt`` ends where an uninterrupted
+run ends; ``auto_resume`` picks the right checkpoint; ``init_from`` stays weights-only.
+
+The SIGKILL test starts ``train.py`` as a subprocess. To kill it at a known point rather than
+racing a timer, the victim run gets the :class:`PauseAt` callback (through a ``+callbacks.pause``
+override with ``tests/`` on ``PYTHONPATH``): it writes a marker file after a chosen training batch
+and then sleeps until the test kills the process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+class PauseAt(L.Callback):
+    """After training batch ``batch`` of epoch ``epoch`` (both 0-based): touch ``marker``, then sleep.
+
+    Used only by the victim run of the SIGKILL test; it keeps no state, so checkpoints written
+    with and without it are the same.
+    """
+
+    def __init__(self, epoch: int, batch: int, marker: str, sleep_s: float = 300.0):
+        self.epoch, self.batch, self.marker, self.sleep_s = int(epoch), int(batch), Path(marker), sleep_s
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            self.marker.write_text(f"epoch {self.epoch} batch {self.batch} global_step {trainer.global_step}\n")
+            time.sleep(self.sleep_s)
+
+
+def resume_overrides(tmp_path: Path, max_epochs: int = 3) -> list[str]:
+    """A tiny deterministic run (about 3 s per epoch on one CPU) writing only under ``tmp_path``.
+
+    ``lr_patience=1`` makes ReduceLROnPlateau cut the LR at every validation without a BLEU-4
+    gain, so the scheduler's state changes between epochs and a wrong restore would show.
+    """
+    return [
+        "experiment=quickstart",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.output_root={tmp_path / 'outputs'}",
+        "data.synthetic.num_train=48",
+        "data.synthetic.num_val=15",
+        "data.synthetic.num_test=15",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "model.decoder.embed_dim=16",
+        "model.decoder.decoder_dim=16",
+        "model.decoder.attention_dim=16",
+        "model.num_log_examples=0",
+        "model.lr_patience=1",
+        "model.val_search.max_len=8",
+        f"trainer.max_epochs={max_epochs}",
+        "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "test_after_fit=false",
+        "seed=7",
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    env.pop("SLURM_JOB_ID", None)
+    return env
+
+
+def _train(tmp_path: Path, run_dir: Path, extra: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "train.py"), *resume_overrides(tmp_path), f"hydra.run.dir={run_dir}", *extra]
+    out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _start_victim(tmp_path: Path, run_dir: Path, marker: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "train.py"), *resume_overrides(tmp_path), f"hydra.run.dir={run_dir}",
+           "+callbacks.pause._target_=test_resume.PauseAt", "+callbacks.pause.epoch=1",
+           "+callbacks.pause.batch=2", f"+callbacks.pause.marker={marker}", *extra]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the pause:\n{proc.stdout.read()[-6000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the run did not reach epoch 1, batch 2 in time")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted 3-epoch run; its data folder is shared by the resumed runs."""
+    root = tmp_path_factory.mktemp("resume")
+    run_dir = root / "outputs" / "train" / "uninterrupted"
+    _train(root, run_dir, [])
+    return {"root": root, "run": run_dir}
+
+
+# ---------------------------------------------------------------------- auto_resume
+def _touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_auto_resume_prefers_the_current_run_folder(tmp_path):
+    from captioner.run import auto_resume_checkpoint
+
+    root = tmp_path / "outputs"
+    current, other = root / "train" / "4242", root / "train" / "2026-01-01_00-00-00"
+    other_last = _touch(other / "checkpoints" / "last.ckpt", 3000)
+    args = (current, [current / "checkpoints"], root, "train")
+
+    # Nothing in this run's folder: true starts fresh even though another run has a newer last.ckpt.
+    assert auto_resume_checkpoint(True, *args) is None
+    assert auto_resume_checkpoint("newest", *args) == other_last
+    assert auto_resume_checkpoint(False, *args) is None and auto_resume_checkpoint(None, *args) is None
+
+    own_last = _touch(current / "checkpoints" / "last.ckpt", 1000)
+    assert auto_resume_checkpoint(True, *args) == own_last
+    assert auto_resume_checkpoint("newest", *args) == own_last  # this run first, though older
+    # Lightning's SIGUSR1 checkpoint in the run folder wins when it is newer than last.ckpt ...
+    hpc = _touch(current / "hpc_ckpt_1.ckpt", 2000)
+    assert auto_resume_checkpoint("true", *args) == hpc
+    # ... and last.ckpt wins when an epoch ended after it.
+    os.utime(own_last, (2500, 2500))
+    assert auto_resume_checkpoint(True, *args) == own_last
+    with pytest.raises(ValueError, match="auto_resume='latest'.*newest"):
+        auto_resume_checkpoint("latest", *args)
+
+
+def test_ckpt_path_and_init_from_are_exclusive(tmp_path):
+    from captioner import run
+    from conftest import compose, tiny_overrides
+
+    cfg = compose("train", tiny_overrides(tmp_path) + [f"ckpt_path={tmp_path / 'a.ckpt'}",
+                                                       f"init_from={tmp_path / 'b.ckpt'}"])
+    with pytest.raises(ValueError, match="ckpt_path=.*init_from=.*pass one of them"):
+        run.train(cfg)
+    assert not (tmp_path / "data").exists()  # refused before preparing any data
+
+
+# ---------------------------------------------------------------------- SIGKILL + resume
+def _callback_state(checkpoint: dict, name: str) -> dict:
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith(name)]
+    return state
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    unequal = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not unequal, f"weights differ: {unequal[:5]}"
+    opt_a, opt_b = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert opt_a["param_groups"] == opt_b["param_groups"]  # LRs included
+    for i, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt_b["state"][i][key]), f"optimiser state {i}/{key} differs"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ckpt_path", "auto_resume"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, how):
+    """Killed (SIGKILL) in epoch 1 after 2 of its 6 steps, then resumed from last.ckpt (the end of
+    epoch 0) in the same run folder: epoch 1 is replayed and the run ends with bit-identical weights,
+    optimiser, LR scheduler, early-stopping and best-checkpoint state and validation metrics.
+
+    Exact equality holds on one machine with ``trainer.deterministic=true``, one intra-op thread and
+    ``num_workers=0``: every step sees the same batch (``EpochAwareSampler``), the same dropout
+    masks (``run.ExactResume`` reseeds per batch) and the same LR (the scheduler step Lightning
+    skips on restart is replayed).
+    """
+    root = uninterrupted["root"]
+    run_dir = root / "outputs" / "train" / f"killed-{how}"
+    marker = root / f"paused-{how}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    _kill_when_paused(_start_victim(root, run_dir, marker, []), marker)
+    at_kill = _load(last)
+    assert (at_kill["epoch"], at_kill["global_step"]) == (0, 6)  # end of epoch 0; 2 steps of epoch 1 lost
+    assert "global_step 9" in marker.read_text()  # the process had gone 3 steps past the checkpoint
+
+    resume = [f"ckpt_path={last}"] if how == "ckpt_path" else ["auto_resume=true"]
+    out = _train(root, run_dir, resume)
+    log = (run_dir / "train.log").read_text()
+    if how == "auto_resume":
+        assert f"auto_resume=True: resuming from {last}" in log
+    assert "resume: stepped the LR scheduler for epoch 0" in log
+
+    a_run = uninterrupted["run"]
+    _assert_same_state(_load(a_run / "checkpoints" / "last.ckpt"), _load(last))
+    a_last, b_last = _load(a_run / "checkpoints" / "last.ckpt"), _load(last)
+    for name in ("EarlyStopping", "ModelCheckpoint{'monitor': 'val/bleu4'"):
+        sa, sb = _callback_state(a_last, name), _callback_state(b_last, name)
+        for key in ("wait_count", "best_score", "best_model_score", "kth_value"):
+            if key in sa:
+                assert sa[key] == sb[key], f"{name}.{key}: {sa[key]} != {sb[key]}"
+    a_best, b_best = _load(a_run / "checkpoints" / "best.ckpt"), _load(run_dir / "checkpoints" / "best.ckpt")
+    assert a_best["epoch"] == b_best["epoch"]
+    assert all(torch.equal(a_best["state_dict"][k], b_best["state_dict"][k]) for k in a_best["state_dict"])
+
+    metrics_a = json.loads((a_run / "metrics.json").read_text())["metrics"]
+    metrics_b = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    for key in ("val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/loss", "val/top5", "val/best_bleu4"):
+        assert metrics_a[key] == metrics_b[key], key
+    assert metrics_a["val/bleu1"] > 0 and out.returncode == 0
