@@ -1,12 +1,18 @@
-"""Lightning callbacks of our own: a progress bar that shows decoding speed in images/s."""
+"""Lightning callbacks of our own: exact resume, and a progress bar that shows images/s."""
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+log = logging.getLogger(__name__)
 
 
 class ImageRateProgressBar(TQDMProgressBar):
@@ -45,3 +51,84 @@ class ImageRateProgressBar(TQDMProgressBar):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._show_rate(self.test_progress_bar if self._test_progress_bar is not None else None, batch)
         super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+
+class ExactResume(L.Callback):
+    """What Lightning's checkpoints leave out for an exact resume from an epoch-end checkpoint.
+
+    * Random state: the global RNGs (torch, numpy, random) are reseeded from ``(seed, epoch)``
+      at the start of every training epoch and from ``(seed, epoch, batch_idx)`` before every
+      training batch, so dropout masks do not depend on whether earlier epochs ran in this
+      process, nor on when Lightning creates the loader iterator after a restart (creating it
+      draws a number from the global generator). The data order is already a function of
+      ``(seed, epoch)`` (see ``EpochAwareSampler``). DataLoader worker seeds come from the
+      generator when the iterator is created; the datasets draw no random numbers in workers.
+    * Epoch-interval LR schedulers: checkpoints are written at the end of the epoch, before
+      Lightning steps the schedulers, and Lightning skips that step when it restarts from such a
+      checkpoint (it does not store the monitored value). The callback stores the monitored value
+      and each scheduler's ``last_epoch`` in the checkpoint and, after a restart, performs the
+      missing step once, before the first resumed epoch; a scheduler that was stepped is left alone.
+
+    Args:
+        seed: the run's seed (``cfg.seed``).
+    """
+
+    KEY = "captioner_exact_resume"
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._pending: list[dict[str, Any]] | None = None
+
+    def derived_seed(self, *keys: int) -> int:
+        """A 32-bit seed for ``(seed, *keys)``, the same on every rank (like ``seed_everything``)."""
+        return int(np.random.SeedSequence([self.seed, *map(int, keys)]).generate_state(1)[0])
+
+    @staticmethod
+    def _reseed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            self._step_missed_schedulers(trainer)
+        self._reseed(self.derived_seed(trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._reseed(self.derived_seed(trainer.current_epoch, batch_idx))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            value = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            schedulers.append({"interval": config.interval, "monitor": config.monitor,
+                               "value": None if value is None else float(value),
+                               "last_epoch": int(getattr(config.scheduler, "last_epoch", -1))})
+        checkpoint[self.KEY] = {"epoch": trainer.current_epoch, "schedulers": schedulers}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(self.KEY)
+        self._pending = None if state is None else state["schedulers"]
+        self._saved_epoch = None if state is None else state["epoch"]
+
+    def _step_missed_schedulers(self, trainer: L.Trainer) -> None:
+        saved, self._pending = self._pending, None
+        if trainer.current_epoch <= self._saved_epoch:  # restarted inside the saved epoch
+            return
+        for config, state in zip(trainer.lr_scheduler_configs, saved):
+            scheduler = config.scheduler
+            if config.interval != "epoch" or getattr(scheduler, "last_epoch", None) != state["last_epoch"]:
+                continue
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if state["value"] is None:
+                    log.warning("resume: %s was not logged when the checkpoint was written; the LR "
+                                "scheduler's step for epoch %d is skipped", state["monitor"], self._saved_epoch)
+                    continue
+                scheduler.step(state["value"])
+            else:
+                scheduler.step()
+            log.info("resume: stepped the LR scheduler for epoch %d (%s=%s), as the uninterrupted run did",
+                     self._saved_epoch, state["monitor"], state["value"])

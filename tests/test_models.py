@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from captioner.models import (AdditiveAttention, AttentionLSTMDecoder, Captioner, DecoderState,
+from captioner.models import (AdditiveAttention, AttentionLSTMDecoder, Captioner,
                               ImageEncoder, load_glove_embeddings)
 
 V, E, H, A = 12, 8, 16, 8

@@ -196,7 +196,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
 
     Exact equality holds on one machine with ``trainer.deterministic=true``, one intra-op thread and
     ``num_workers=0``: every step sees the same batch (``EpochAwareSampler``), the same dropout
-    masks (``run.ExactResume`` reseeds per batch) and the same LR (the scheduler step Lightning
+    masks (``captioner.callbacks.ExactResume`` reseeds per batch) and the same LR (the scheduler step Lightning
     skips on restart is replayed).
     """
     root = uninterrupted["root"]

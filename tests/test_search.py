@@ -269,7 +269,7 @@ def test_early_exit_stops_before_max_len():
 
 
 def test_length_penalty_prefers_longer_sequence():
-    pad, a, start, end = 0, 1, 2, 3
+    a, start, end = 1, 2, 3  # id 0 is <pad>
     probs = torch.full((4, 4), 0.25)
     probs[start] = torch.tensor([1e-4, 0.4998, 1e-4, 0.5])
     probs[a] = torch.tensor([1e-4, 0.0498, 1e-4, 0.95])
