@@ -154,8 +154,12 @@ class CaptioningModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         scores = self._captions.compute()  # identical on every rank: gathered, de-duplicated
-        for name, value in scores.items():
-            self.log(f"{stage}/{name}", float(value), sync_dist=False)
+        with warnings.catch_warnings():
+            # Lightning suggests sync_dist=True for epoch-level values under DDP; these are
+            # already the same exact number on every rank, and averaging could only blur them.
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            for name, value in scores.items():
+                self.log(f"{stage}/{name}", float(value), sync_dist=False)
         return scores
 
     def on_validation_epoch_start(self) -> None:
