@@ -8,6 +8,7 @@ documented in ``captioner/data/dataset.py`` is its only contract with the data s
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
