@@ -168,7 +168,7 @@ def build_ours(sizes: Sizes, device: torch.device, fine_tune: bool, vocab_size: 
         vocab_size=vocab_size or sizes.vocab_size, **(ids or special_ids(sizes)),
         encoder={"arch": sizes.arch, "encoded_image_size": sizes.encoded_image_size,
                  "pretrained": False, "fine_tune_from": 2, "last_stage": sizes.last_stage,
-                 "channels_last": device.type == "cuda"},
+                 "channels_last": True},
         decoder={"embed_dim": sizes.embed_dim, "decoder_dim": sizes.decoder_dim,
                  "attention_dim": sizes.attention_dim, "dropout": dropout},
         fine_tune_encoder=fine_tune)

@@ -115,14 +115,17 @@ class AttentionLSTMDecoder(nn.Module):
         """(B, P, D) -> (B, P, A): the attention's per-image projection, computed once."""
         return self.attention.project(features)
 
-    def _advance(self, embedded: Tensor, state: DecoderState, features: Tensor,
-                 projected: Tensor) -> StepOutput:
-        """One step from an embedded token (N, E); shared by :meth:`step` and :meth:`forward`."""
+    def _recur(self, embedded: Tensor, state: DecoderState, features: Tensor,
+               projected: Tensor) -> tuple[DecoderState, Tensor]:
+        """Attention, gate and LSTM cell for one step from an embedded token (N, E).
+
+        Shared by :meth:`step` and :meth:`forward`; the output layer is applied by the caller
+        (``forward`` applies it once to all steps' hidden states).
+        """
         context, alpha = self.attention(features, projected, state.h)
         context = self.sigmoid(self.f_beta(state.h)) * context  # (N, D)
         h, c = self.decode_step(torch.cat([embedded, context], dim=1), (state.h, state.c))
-        logits = self.fc(self.dropout(h))
-        return StepOutput(logits, DecoderState(h, c), alpha)
+        return DecoderState(h, c), alpha
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor,
              projected: Tensor) -> StepOutput:
@@ -137,7 +140,8 @@ class AttentionLSTMDecoder(nn.Module):
         Returns:
             StepOutput with logits (N, V), the next state, and alpha (N, P).
         """
-        return self._advance(self.embedding(tokens), state, features, projected)
+        state, alpha = self._recur(self.embedding(tokens), state, features, projected)
+        return StepOutput(self.fc(self.dropout(state.h)), state, alpha)
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor,
@@ -188,16 +192,21 @@ class AttentionLSTMDecoder(nn.Module):
                                                for x in (features, projected, h, c, captions))
         embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
 
-        logits = features.new_zeros(num_rows, max_steps, self.vocab_size)
+        hidden = features.new_zeros(num_rows, max_steps, h.size(1))
         alphas = features.new_zeros(num_rows, max_steps, features.size(1))
         state = DecoderState(h, c)
         for t, n in enumerate(active):
             # Rows are sorted, so the first n rows are the ones still decoding at step t.
             state = DecoderState(state.h[:n], state.c[:n])
-            out = self._advance(embedded[:n, t], state, features[:n], projected[:n])
-            logits[:n, t] = out.logits
-            alphas[:n, t] = out.alpha
-            state = out.state
+            state, alpha = self._recur(embedded[:n, t], state, features[:n], projected[:n])
+            hidden[:n, t] = state.h
+            alphas[:n, t] = alpha
+
+        # The output layer once over every real position: one large matrix product instead of
+        # one per step (the V-wide layer dominates the decoder's cost), none on padding.
+        valid = torch.arange(max_steps, device=hidden.device) < (lengths - 1).index_select(0, order_t)[:, None]
+        logits = hidden.new_zeros(num_rows, max_steps, self.vocab_size)
+        logits[valid] = self.fc(self.dropout(hidden[valid]))  # (num real tokens, V)
 
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(num_rows, device=order_t.device)

@@ -97,7 +97,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, arch: str = "resnet101", encoded_image_size: int = 14,
                  pretrained: bool = True, weights_path: str | os.PathLike | None = None,
                  fine_tune: bool = False, fine_tune_from: int = 2, last_stage: int = 4,
-                 channels_last: bool = False):
+                 channels_last: bool = True):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"ImageEncoder arch={arch!r} is not supported; use one of {ARCHS}")
