@@ -313,3 +313,15 @@ def test_shapes_training_improves_bleu(tmp_path):
     assert bleu1_last > bleu1_first + 0.1
     assert metrics["val/best_bleu4"] > bleu4_first + 0.1
     assert metrics["val/best_bleu4"] == pytest.approx(max(b4 for _, b4 in epochs))
+
+
+def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path):
+    """trainer.precision=bf16-mixed (CPU autocast here): a finite loss, BLEU in [0, 1], and the
+    saved weights stay float32 (autocast changes the compute dtype, not the parameters)."""
+    cfg = compose("train", run_overrides(tmp_path, tmp_path / "data", ["trainer.precision=bf16-mixed"]))
+    metrics = run.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss_epoch"]))
+    assert 0.0 <= metrics["test/bleu4"] <= 1.0 and 0.0 <= metrics["val/bleu1"] <= 1.0
+    checkpoint = torch.load(tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt",
+                            map_location="cpu", weights_only=True)
+    assert {t.dtype for t in checkpoint["state_dict"].values() if t.is_floating_point()} == {torch.float32}
