@@ -311,8 +311,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(ckpt_path)
     trained_cfg = checkpoint.get("config") or {}
     if "data" not in trained_cfg:
-        raise ValueError(f"{ckpt_path} stores no data config; pass data._target_ and the data settings "
-                         "explicitly (see conf/data/*.yaml)")
+        raise ValueError(f"{ckpt_path} stores no data config, so it was not written by train.py; "
+                         "convert a tutorial checkpoint with python -m captioner.convert_tutorial "
+                         "(it records the data settings)")
     overrides = {k: v for k, v in (_plain(cfg.get("data")) or {}).items() if v is not None}
     data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), overrides)
     datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
