@@ -25,7 +25,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from captioner.data.dataset import (SPLITS, QUICKSTART_HINT, CaptionH5Dataset, EpochAwareSampler,
-                                    collate, data_file_paths, word_map_file)
+                                    collate)
+from captioner.data.preprocess import data_name, split_files, word_map_file
 from captioner.vocab import WordMap
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class CaptionDataModule(LightningDataModule):
     @property
     def data_name(self) -> str:
         """``f"{dataset}_{cpi}_cap_per_img_{min_word_freq}_min_word_freq"`` (the tutorial's)."""
-        return f"{self.dataset}_{self.captions_per_image}_cap_per_img_{self.min_word_freq}_min_word_freq"
+        return data_name(self.dataset, self.captions_per_image, self.min_word_freq)
 
     @property
     def word_map_path(self) -> Path:
@@ -132,7 +133,7 @@ class CaptionDataModule(LightningDataModule):
     @property
     def fingerprint(self) -> str | None:
         """The ``fingerprint`` attribute of the prepared TRAIN file (None for tutorial files)."""
-        path = data_file_paths(self.data_folder, self.data_name, "train")["images"]
+        path = split_files(self.data_folder, self.data_name, "train").images
         if not path.is_file():
             return None
         with h5py.File(path, "r") as h5:
@@ -143,8 +144,8 @@ class CaptionDataModule(LightningDataModule):
         """Every file the loaders need (the REFERENCES files are optional and not listed)."""
         files = [self.word_map_path]
         for split in SPLITS:
-            paths = data_file_paths(self.data_folder, self.data_name, split)
-            files += [paths["images"], paths["captions"], paths["caplens"]]
+            paths = split_files(self.data_folder, self.data_name, split)
+            files += [paths.images, paths.captions, paths.caplens]
         return files
 
     def _missing_message(self, missing: list[Path]) -> str:
@@ -217,8 +218,8 @@ class CaptionDataModule(LightningDataModule):
                 self.datasets[split] = self._build_dataset(split)
 
     def _build_dataset(self, split: str) -> CaptionH5Dataset:
-        paths = data_file_paths(self.data_folder, self.data_name, split)
-        missing = [paths[k] for k in ("images", "captions", "caplens") if not paths[k].is_file()]
+        paths = split_files(self.data_folder, self.data_name, split)
+        missing = [p for p in (paths.images, paths.captions, paths.caplens) if not p.is_file()]
         if missing:
             raise FileNotFoundError(self._missing_message(missing) + " Run prepare_data() first.")
         return CaptionH5Dataset(self.data_folder, self.data_name, split,

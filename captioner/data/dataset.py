@@ -45,35 +45,12 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from captioner.data.karpathy import SPLITS
+from captioner.data.preprocess import split_files, word_map_file
 from captioner.vocab import WordMap
 
-SPLITS = ("train", "val", "test")
 QUICKSTART_HINT = ("For the built-in synthetic data, run `python train.py experiment=quickstart` "
                    "(it generates and prepares everything under data/shapes).")
-
-
-def data_file_paths(data_folder: str | os.PathLike, data_name: str, split: str) -> dict[str, Path]:
-    """Paths of one split's files in the tutorial layout.
-
-    Returns:
-        ``{"images", "captions", "caplens", "references"}`` -> paths; ``references`` is ours
-        only and optional.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS} (lowercase), got {split!r}")
-    folder = Path(data_folder)
-    tag = split.upper()
-    return {
-        "images": folder / f"{tag}_IMAGES_{data_name}.hdf5",
-        "captions": folder / f"{tag}_CAPTIONS_{data_name}.json",
-        "caplens": folder / f"{tag}_CAPLENS_{data_name}.json",
-        "references": folder / f"{tag}_REFERENCES_{data_name}.json",
-    }
-
-
-def word_map_file(data_folder: str | os.PathLike, data_name: str) -> Path:
-    """Path of ``WORDMAP_{data_name}.json`` in ``data_folder``."""
-    return Path(data_folder) / f"WORDMAP_{data_name}.json"
 
 
 def _load_json(path: Path) -> Any:
@@ -119,16 +96,16 @@ class CaptionH5Dataset(Dataset):
         self.data_name = data_name
         self.split = split
         self.seed = int(seed)
-        self.paths = data_file_paths(data_folder, data_name, split)
-        missing = [str(self.paths[k]) for k in ("images", "captions", "caplens")
-                   if not self.paths[k].is_file()]
+        self.paths = split_files(data_folder, data_name, split)
+        missing = [str(p) for p in (self.paths.images, self.paths.captions, self.paths.caplens)
+                   if not p.is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{split} split of {data_name!r}: missing prepared file(s) {missing}. Prepare them "
                 f"with CaptionDataModule.prepare_data() or `python -m captioner.data.preprocess`. "
                 + QUICKSTART_HINT)
 
-        images_path = self.paths["images"]
+        images_path = self.paths.images
         try:
             with h5py.File(images_path, "r") as h5:  # metadata only; closed before any fork
                 if "images" not in h5:
@@ -153,18 +130,18 @@ class CaptionH5Dataset(Dataset):
         self.fingerprint = _attr_str(attrs.get("fingerprint"))
         cpi = self.captions_per_image
 
-        captions = _load_json(self.paths["captions"])
-        caplens = _load_json(self.paths["caplens"])
+        captions = _load_json(self.paths.captions)
+        caplens = _load_json(self.paths.caplens)
         expected_rows = self.num_images * cpi
         if not isinstance(captions, list) or len(captions) != expected_rows:
-            raise ValueError(f"{self.paths['captions']} has {len(captions)} rows; expected "
+            raise ValueError(f"{self.paths.captions} has {len(captions)} rows; expected "
                              f"{self.num_images} images x {cpi} captions = {expected_rows}")
         if not isinstance(caplens, list) or len(caplens) != expected_rows:
-            raise ValueError(f"{self.paths['caplens']} has {len(caplens)} entries; expected "
+            raise ValueError(f"{self.paths.caplens} has {len(caplens)} entries; expected "
                              f"{expected_rows}")
         row_lens = {len(row) for row in captions}
         if len(row_lens) > 1:
-            raise ValueError(f"{self.paths['captions']}: rows have different lengths "
+            raise ValueError(f"{self.paths.captions}: rows have different lengths "
                              f"{sorted(row_lens)}; every row must have max_len + 2 ids")
         caption_array = np.asarray(captions, dtype=np.int64)
         # Kept compact (shared copy-on-write by forked workers, pickled to spawned ones).
@@ -173,8 +150,8 @@ class CaptionH5Dataset(Dataset):
         self._caplens = np.asarray(caplens, dtype=np.int64)  # (N*cpi,)
         self.max_tokens = int(self._captions.shape[1]) if expected_rows else 0
         if expected_rows and (self._caplens.min() < 2 or self._caplens.max() > self.max_tokens):
-            raise ValueError(f"{self.paths['caplens']}: lengths must lie in 2..{self.max_tokens} "
-                             f"(T of {self.paths['captions']})")
+            raise ValueError(f"{self.paths.caplens}: lengths must lie in 2..{self.max_tokens} "
+                             f"(T of {self.paths.captions})")
 
         if captions_per_sample is not None and not 1 <= int(captions_per_sample) <= cpi:
             raise ValueError(f"captions_per_sample must be in 1..{cpi} (captions per image of "
@@ -182,7 +159,7 @@ class CaptionH5Dataset(Dataset):
         self.captions_per_sample = cpi if captions_per_sample is None else int(captions_per_sample)
 
         self._word_map_cache: WordMap | None = None
-        self.has_reference_file = self.paths["references"].is_file()
+        self.has_reference_file = self.paths.references.is_file()
         self.image_ids, self._references = self._load_references(keep_tokens=split != "train")
         self.epoch = 0
         self._h5: h5py.File | None = None
@@ -194,12 +171,12 @@ class CaptionH5Dataset(Dataset):
         if not self.has_reference_file:
             refs = [self._decoded_rows(i) for i in range(self.num_images)] if keep_tokens else None
             return np.arange(self.num_images, dtype=np.int64), refs
-        path = self.paths["references"]
+        path = self.paths.references
         data = _load_json(path)
         for key in ("image_ids", "tokens"):
             if key not in data or len(data[key]) != self.num_images:
                 raise ValueError(f"{path}: field {key!r} must list {self.num_images} entries "
-                                 f"(one per image of {self.paths['images']})")
+                                 f"(one per image of {self.paths.images})")
         image_ids = np.asarray(data["image_ids"], dtype=np.int64)
         return image_ids, (data["tokens"] if keep_tokens else None)
 
@@ -208,7 +185,7 @@ class CaptionH5Dataset(Dataset):
             path = word_map_file(self.data_folder, self.data_name)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"{self.paths['references']} is absent, so references are decoded from the "
+                    f"{self.paths.references} is absent, so references are decoded from the "
                     f"caption rows, which needs the word map {path}; it does not exist")
             self._word_map_cache = WordMap.load(path)
         return self._word_map_cache
@@ -227,7 +204,7 @@ class CaptionH5Dataset(Dataset):
         if not self.has_reference_file:
             return {i: [" ".join(words) for words in self._decoded_rows(i)]
                     for i in range(self.num_images)}
-        path = self.paths["references"]
+        path = self.paths.references
         data = _load_json(path)
         if "raw" not in data or len(data["raw"]) != self.num_images:
             raise ValueError(f"{path}: field 'raw' must list {self.num_images} entries")
@@ -265,7 +242,7 @@ class CaptionH5Dataset(Dataset):
                 # Inherited through fork: close this process's copy (the parent's stays open)
                 # so that HDF5 opens a file descriptor of our own instead of sharing it.
                 self._h5.close()
-            self._h5 = h5py.File(self.paths["images"], "r")
+            self._h5 = h5py.File(self.paths.images, "r")
             self._h5_pid = pid
         return self._h5["images"]
 
@@ -282,7 +259,7 @@ class CaptionH5Dataset(Dataset):
         index = int(index)
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range for {self.num_images} images "
-                             f"in {self.paths['images']}")
+                             f"in {self.paths.images}")
         rows = self.caption_rows(index, epoch)
         item: dict[str, Any] = {
             "images": torch.from_numpy(np.ascontiguousarray(self._images()[index])),
@@ -377,5 +354,5 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-__all__ = ["CaptionH5Dataset", "EpochAwareSampler", "collate", "data_file_paths", "word_map_file",
+__all__ = ["CaptionH5Dataset", "EpochAwareSampler", "collate",
            "SPLITS", "QUICKSTART_HINT"]

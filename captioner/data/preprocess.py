@@ -68,7 +68,7 @@ class SplitFiles:
 def split_files(output_folder: str | os.PathLike, name: str, split: str) -> SplitFiles:
     """Paths of one split's files for data name ``name`` (see :func:`data_name`)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"split must be one of {SPLITS} (lowercase), got {split!r}")
     folder, upper = Path(output_folder), split.upper()
     return SplitFiles(images=folder / f"{upper}_IMAGES_{name}.hdf5",
                       captions=folder / f"{upper}_CAPTIONS_{name}.json",
