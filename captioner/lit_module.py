@@ -20,6 +20,7 @@ from captioner.losses import caption_loss
 from captioner.metrics import CaptionAccumulator, topk_accuracy
 from captioner.models import AttentionLSTMDecoder, Captioner, ImageEncoder
 from captioner.models.decoder import load_glove_embeddings
+from captioner.search import Hypothesis
 from captioner.vocab import WordMap
 
 DEFAULT_SEARCH = {"beam_size": 1, "max_len": 50, "length_penalty": 0.0}
@@ -121,12 +122,16 @@ class CaptioningModule(L.LightningModule):
         top5 = topk_accuracy(out.logits, out.targets, out.mask, k=5)
         return losses, top5, int(out.mask.shape[0])
 
+    def _search(self, images: torch.Tensor, search: dict[str, Any]) -> list[Hypothesis]:
+        """Best hypothesis per image with the given search settings (val_search/test_search)."""
+        hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
+                                       length_penalty=search.get("length_penalty", 0.0))
+        return [h[0] for h in hyps]
+
     def generate_words(self, images: torch.Tensor, search: dict[str, Any]) -> list[list[str]]:
         """Best caption per image as words, with the given search settings."""
         word_map = self._require_word_map()
-        hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
-                                       length_penalty=search.get("length_penalty", 0.0))
-        return [word_map.decode(h[0].tokens) for h in hyps]
+        return [word_map.decode(h.tokens) for h in self._search(images, search)]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -204,15 +209,12 @@ class CaptioningModule(L.LightningModule):
         from captioner.visualize import attention_figure, caption_text_table
 
         word_map = self._require_word_map()
-        images = self._examples["images"].to(self.device)
-        search = self.val_search
-        hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
-                                       length_penalty=search.get("length_penalty", 0.0))
+        hyps = self._search(self._examples["images"].to(self.device), self.val_search)
         rows = []
         for image_id, hyp, refs in zip(self._examples["image_ids"], hyps, self._examples["references"]):
-            rows.append((str(image_id), " ".join(word_map.decode(hyp[0].tokens)), [" ".join(r) for r in refs]))
+            rows.append((str(image_id), " ".join(word_map.decode(hyp.tokens)), [" ".join(r) for r in refs]))
         table = caption_text_table(rows)
-        best = hyps[0][0]
+        best = hyps[0]
         words = [word_map.word_of(t) for t in best.tokens] + (["<end>"] if best.finished else [])
         image = self._examples["images"][0].permute(1, 2, 0).numpy()
         figure = None
