@@ -227,8 +227,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     batch = batch_summary(trainer, datamodule)
     log_batch_summary(batch, model)
     ckpt_path = cfg.get("ckpt_path")
+    checkpoint_dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath]
     if ckpt_path is None and cfg.get("auto_resume"):
-        checkpoint_dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
         found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
                                        cfg.paths.output_root, cfg.task_name)
         ckpt_path = str(found) if found else None
@@ -237,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
             if ckpt_path and cfg.get("init_from"):  # a requeued stage-2 job continues itself
                 log.info("init_from=%s is superseded by the resumed checkpoint", cfg.init_from)
-    own_dirs = {Path(cb.dirpath).resolve() for cb in trainer.checkpoint_callbacks if cb.dirpath}
+    own_dirs = {d.resolve() for d in checkpoint_dirs}
     if (ckpt_path and trainer.is_global_zero and own_dirs
             and Path(ckpt_path).resolve().parent not in own_dirs | {run_dir.resolve()}):
         log.warning("Resuming %s in another run folder (%s): ModelCheckpoint starts its best-score tracking "
