@@ -224,19 +224,29 @@ def check_one_run(output_root: Path, log_text: str) -> Path:
     return runs[0]
 
 
-def test_sbatch_ddp_two_cpu_tasks_one_node(train_env, tmp_path):
-    """docs/slurm/train.sbatch with 2 tasks on one node: DDP over 2 CPU processes, world size 2."""
+def sbatch_two_rank_training(train_env, tmp_path, nodes: int, tasks_per_node: int):
+    """Submit docs/slurm/train.sbatch (tiny training), wait, check both ranks joined a world of 2.
+
+    Returns:
+        (job id, ``scontrol show job`` fields, the run folder).
+    """
     outputs = tmp_path / "outputs"
     log = tmp_path / "job.out"
     env = {**train_env, "CAPTIONER_OUTPUTS": str(outputs)}
-    job = sbatch(["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                  "--time=10", f"--output={log}", str(REPO / "docs/slurm/train.sbatch"), *TINY_TRAIN],
-                 cwd=tmp_path, env=env)
-    assert_completed(wait_job(job, log), log)
+    job = sbatch([f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+                  "--cpus-per-task=1", "--time=10", f"--output={log}",
+                  str(REPO / "docs/slurm/train.sbatch"), *TINY_TRAIN], cwd=tmp_path, env=env)
+    info = wait_job(job, log)
+    assert_completed(info, log)
     per_task = labelled(log.read_text())
     assert members(per_task.get(0, [])) == {(0, 1, 2)}, tail(log)
     assert members(per_task.get(1, [])) == {(1, 2, 2)}, tail(log)
-    run = check_one_run(outputs, log.read_text())
+    return job, info, check_one_run(outputs, log.read_text())
+
+
+def test_sbatch_ddp_two_cpu_tasks_one_node(train_env, tmp_path):
+    """docs/slurm/train.sbatch with 2 tasks on one node: DDP over 2 CPU processes, world size 2."""
+    job, _, run = sbatch_two_rank_training(train_env, tmp_path, nodes=1, tasks_per_node=2)
     assert run.name == f"slurm-{job}"
 
 
@@ -270,16 +280,5 @@ def test_submitit_launcher_ddp_two_cpu_tasks(train_env, tmp_path):
 
 def test_sbatch_ddp_two_nodes_one_task_each(cluster, train_env, tmp_path):
     """2 emulated nodes x 1 task: num_nodes=2, devices=1, ranks on different slurmd's."""
-    outputs = tmp_path / "outputs"
-    log = tmp_path / "job.out"
-    env = {**train_env, "CAPTIONER_OUTPUTS": str(outputs)}
-    job = sbatch(["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                  "--time=10", f"--output={log}", str(REPO / "docs/slurm/train.sbatch"), *TINY_TRAIN],
-                 cwd=tmp_path, env=env)
-    info = wait_job(job, log)
-    assert_completed(info, log)
+    _, info, _ = sbatch_two_rank_training(train_env, tmp_path, nodes=2, tasks_per_node=1)
     assert _run(["scontrol", "show", "hostnames", info["NodeList"]]).stdout.split() == cluster[:2]
-    per_task = labelled(log.read_text())
-    assert members(per_task.get(0, [])) == {(0, 1, 2)}, tail(log)
-    assert members(per_task.get(1, [])) == {(1, 2, 2)}, tail(log)
-    check_one_run(outputs, log.read_text())
