@@ -12,7 +12,7 @@ failed. With ``attention=true`` one PNG per image goes to ``<output dir>/attenti
 ``captions.json`` lists every result.
 
 Inference sees exactly what training saw: images go through the preprocessing's
-:func:`captioner.data.preprocess.load_image` at the checkpoint's ``data.image_size`` and are
+:func:`captioner.data.images.load_image` at the checkpoint's ``data.image_size`` and are
 normalised inside the model (``Captioner.encode``).
 
 :func:`caption_images` is the plain-Python core (no Hydra); :func:`caption` runs it from a
@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from captioner.data.preprocess import load_image
+from captioner.data.images import load_image
 from captioner.models import Captioner
 from captioner.vocab import END, WordMap, write_json_atomic
 
@@ -133,7 +133,7 @@ def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: i
                    length_penalty: float = 0.0, batch_size: int = 16) -> Iterator[CaptionResult]:
     """Caption image files in batches with beam search, yielding one result per path in order.
 
-    Each file is decoded and resized by :func:`captioner.data.preprocess.load_image` (the
+    Each file is decoded and resized by :func:`captioner.data.images.load_image` (the
     training preprocessing) to (3, S, S) uint8; the model normalises on its device. A file that
     cannot be read yields a result with ``error`` set and does not stop the others. The model
     is put in eval mode (no dropout).

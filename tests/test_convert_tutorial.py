@@ -21,7 +21,7 @@ import torchvision
 
 from captioner.convert_tutorial import (UnsafeCheckpointError, convert, detect_resnet_arch,
                                         load_tutorial_checkpoint, main)
-from captioner.data.preprocess import load_image
+from captioner.data.images import load_image
 from captioner.lit_module import CaptioningModule
 from captioner.vocab import WordMap
 

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from captioner.data.karpathy import read_karpathy
-from captioner.data.preprocess import (create_input_files, data_name, load_image, main,
-                                       split_files, word_map_file)
+from captioner.data.images import load_image
+from captioner.data.preprocess import create_input_files, data_name, main, split_files, word_map_file
 from captioner.vocab import UNK, WordMap
 
 S = 16  # image side in these tests
@@ -204,6 +204,7 @@ def test_concurrent_calls_serialise_and_later_ones_are_noops(raw, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import captioner.data.images as images
     import captioner.data.preprocess as pp
     hook, ready, json_path, folder, out = sys.argv[1:]
 
@@ -212,13 +213,13 @@ KILL_SCRIPT = textwrap.dedent("""
         time.sleep(120)
 
     if hook == "decode":
-        decode, calls = pp._decode_task, []
+        decode, calls = images._write_task, []
         def slow_decode(task):
             calls.append(task)
             if len(calls) == 3:
                 pause()
             return decode(task)
-        pp._decode_task = slow_decode
+        images._write_task = slow_decode
     else:
         write = pp.write_json_atomic
         def slow_write(path, obj):

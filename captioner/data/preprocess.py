@@ -24,22 +24,18 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
-import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
+from captioner.data.images import CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, read_karpathy
 from captioner.vocab import write_json_atomic
 
@@ -47,7 +43,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LOCK_NAME = ".preprocess.lock"
-_CHUNKSIZE = 8
 
 
 def data_name(dataset: str, captions_per_image: int, min_word_freq: int) -> str:
@@ -114,75 +109,6 @@ class PreprocessResult:
     fingerprint: str = ""
 
 
-# --------------------------------------------------------------------------- images
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Decode an image file to the tutorial's layout: plain resize to S x S, no crop.
-
-    JPEGs are decoded at a reduced DCT scale (``draft``) when that still leaves at least
-    S x S pixels. Colour handling: grayscale, bilevel, CMYK, YCbCr and palette images go
-    through PIL's RGB conversion; alpha (RGBA, LA, PA, palette transparency) is dropped,
-    keeping the stored colour (as PIL and torchvision do); 16-bit images (``I;16*``, ``I``)
-    are scaled by 255/65535 with rounding; ``F`` images are clipped to 0..255. EXIF
-    orientation is not applied (the tutorial does not either).
-
-    Args:
-        path: an image file.
-        image_size: output side S.
-
-    Returns:
-        (3, S, S) uint8, C-contiguous.
-
-    Raises:
-        OSError: missing, unreadable, non-image or truncated file.
-    """
-    with Image.open(path) as img:
-        img.draft("RGB", (image_size, image_size))
-        rgb = _to_rgb(img)
-    rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        img.load()
-        return img
-    if mode.startswith("I"):  # 16-bit (and 32-bit int) grayscale
-        values = np.asarray(img).astype(np.int64).clip(0, 65535)
-        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode == "F":
-        gray = np.rint(np.asarray(img, dtype=np.float64).clip(0, 255)).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode in ("P", "PA"):  # palette, possibly with transparency: go through RGBA
-        img = img.convert("RGBA")
-    return img.convert("RGB")
-
-
-def _decode_task(task: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
-    path, image_size = task
-    try:
-        return load_image(path, image_size), None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return None, f"{type(e).__name__}: {e}"
-
-
-def _decoded(tasks: Sequence[tuple[str, int]], pool, num_workers: int
-             ) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Decode in order with at most two blocks of results in flight (bounded memory)."""
-    if pool is None:
-        yield from map(_decode_task, tasks)
-        return
-    block = _CHUNKSIZE * num_workers * 4
-    pending: deque = deque()
-    for start in range(0, len(tasks), block):
-        pending.append(pool.imap(_decode_task, tasks[start:start + block], _CHUNKSIZE))
-        if len(pending) == 2:
-            yield from pending.popleft()
-    while pending:
-        yield from pending.popleft()
-
-
 # --------------------------------------------------------------------------- locking, fingerprints
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
@@ -246,6 +172,7 @@ def create_input_files(dataset: str,
                        max_len: int = 50,
                        image_size: int = 256,
                        num_workers: int | None = None,
+                       draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO,
                        skip_bad_images: bool = False,
                        overwrite: bool = False,
                        seed: int = 123,
@@ -269,6 +196,9 @@ def create_input_files(dataset: str,
         image_size: images are resized to (S, S) = (image_size, image_size).
         num_workers: decoding processes; None = CPU count (in-process for tiny datasets),
             0 = decode in this process.
+        draft_min_ratio: JPEGs are decoded at a reduced DCT scale when that keeps at least
+            ``draft_min_ratio * S`` pixels per side (see
+            :func:`captioner.data.images.load_image`); None decodes every image in full.
         skip_bad_images: drop unreadable images and images without a caption of at most
             ``max_len`` tokens (listed in the result and logged) instead of failing.
         overwrite: rebuild even if outputs exist (with these or other settings).
@@ -292,6 +222,9 @@ def create_input_files(dataset: str,
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 or None, got {num_workers}")
+    if draft_min_ratio is not None and not 0.0 < draft_min_ratio <= 1.0:
+        raise ValueError(f"draft_min_ratio must be in (0, 1] or None (full decode), got "
+                         f"{draft_min_ratio!r}")
     karpathy_json_path, image_folder = Path(karpathy_json_path), Path(image_folder)
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -306,7 +239,8 @@ def create_input_files(dataset: str,
             "format_version": FORMAT_VERSION, "dataset": dataset,
             "captions_per_image": captions_per_image, "min_word_freq": min_word_freq,
             "max_len": max_len, "image_size": image_size, "seed": seed,
-            "skip_bad_images": skip_bad_images, "image_folder": str(image_folder.resolve()),
+            "skip_bad_images": skip_bad_images, "draft_min_ratio": draft_min_ratio,
+            "image_folder": str(image_folder.resolve()),
             "karpathy_json_sha256": _sha256(karpathy_json_path)})
         state, detail = _existing_state(paths, word_map_path, fingerprint)
         if state == "complete" and not overwrite:
@@ -318,7 +252,7 @@ def create_input_files(dataset: str,
             stale.unlink(missing_ok=True)
         return _build(dataset, karpathy_json_path, image_folder, captions_per_image, min_word_freq,
                       output_folder, name, paths, word_map_path, max_len, image_size, num_workers,
-                      skip_bad_images, seed, progress, fingerprint)
+                      draft_min_ratio, skip_bad_images, seed, progress, fingerprint)
 
 
 def _read_result(output_folder: Path, name: str, paths: list[SplitFiles], word_map_path: Path,
@@ -360,7 +294,7 @@ def _plan_split(images: list[KarpathyImage], cpi: int, max_len: int, rng: random
 
 
 def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output_folder, name,
-           paths, word_map_path, max_len, image_size, num_workers, skip_bad_images, seed,
+           paths, word_map_path, max_len, image_size, num_workers, draft_min_ratio, skip_bad_images, seed,
            progress, fingerprint) -> PreprocessResult:
     images = read_karpathy(karpathy_json_path, image_folder)
     word_map = build_word_map(images, min_word_freq)
@@ -373,26 +307,18 @@ def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output
 
     total = sum(len(plan.images) for plan in plans.values())
     if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if total >= 4 * _CHUNKSIZE else 0
+        num_workers = len(os.sched_getaffinity(0)) if total >= 4 * CHUNKSIZE else 0
     staged: dict[str, tuple[Path, list[int]]] = {}
-    # fork, not spawn: spawned workers re-import __main__, which fails for stdin, notebooks and
-    # unguarded scripts (and a Pool then respawns crashing workers forever). The workers only
-    # run PIL and numpy, so the parent's torch/CUDA threads are not a concern.
-    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 0 else None
     try:
-        for split, files in zip(SPLITS, paths):
-            staged[split] = _stage_images(plans[split], split, files.images, image_size, cpi,
-                                          max_len, fingerprint, pool, num_workers,
-                                          skip_bad_images, skipped,
-                                          progress)
+        with ImageWriter(image_size, num_workers, draft_min_ratio) as writer:
+            for split, files in zip(SPLITS, paths):
+                staged[split] = _stage_images(writer, plans[split], split, files.images, cpi,
+                                              max_len, fingerprint, skip_bad_images, skipped,
+                                              progress)
     except BaseException:
         for tmp, _ in staged.values():
             tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
     # Commit: old HDF5 markers out, JSONs in, HDF5 files last.
     try:
@@ -428,46 +354,34 @@ def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output
                             noop=False, fingerprint=fingerprint)
 
 
-def _stage_images(plan: _SplitPlan, split: str, final: Path, image_size: int, cpi: int,
-                  max_len: int, fingerprint: str, pool, num_workers: int, skip: bool,
-                  skipped: list[SkippedImage], progress: bool) -> tuple[Path, list[int]]:
+def _stage_images(writer: ImageWriter, plan: _SplitPlan, split: str, final: Path, cpi: int,
+                  max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
+                  progress: bool) -> tuple[Path, list[int]]:
     """Decode one split's images into a temp HDF5; return (temp path, indices kept)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data is meant to be shared
-    kept: list[int] = []
-    n, s = len(plan.images), image_size
-    split_skipped = []
+    split_skipped: list[SkippedImage] = []
+
+    def on_error(i: int, error: str) -> None:
+        image = plan.images[i]
+        if not skip:
+            raise OSError(f"cannot read image {image.path} ({image.describe()} in the Karpathy "
+                          f"JSON): {error}. Fix or remove the file, or pass skip_bad_images=True")
+        split_skipped.append(SkippedImage(str(image.path), image.image_id, split, error))
+
     try:
-        with h5py.File(tmp, "w") as h:
-            h.attrs["captions_per_image"] = cpi
-            h.attrs["image_size"] = image_size
-            h.attrs["max_len"] = max_len
-            h.attrs["fingerprint"] = fingerprint
-            h.attrs["complete"] = False
-            data = h.create_dataset("images", shape=(n, 3, s, s), maxshape=(None, 3, s, s),
-                                    chunks=(1, 3, s, s), dtype="uint8")
-            tasks = [(str(image.path), image_size) for image in plan.images]
-            bar = tqdm(total=n, desc=f"{split} images", unit="img", disable=not progress)
-            with bar:
-                for i, (pixels, error) in enumerate(_decoded(tasks, pool, num_workers)):
-                    bar.update()
-                    if error is not None:
-                        image = plan.images[i]
-                        if not skip:
-                            raise OSError(f"cannot read image {image.path} ({image.describe()} in "
-                                          f"the Karpathy JSON): {error}. Fix or remove the file, or "
-                                          f"pass skip_bad_images=True")
-                        split_skipped.append(SkippedImage(str(image.path), image.image_id, split, error))
-                        continue
-                    data[len(kept)] = pixels
-                    kept.append(i)
-            data.resize(len(kept), axis=0)
-            skipped += split_skipped
+        kept = writer.write(tmp, [str(image.path) for image in plan.images],
+                            attrs={"captions_per_image": cpi, "image_size": writer.image_size,
+                                   "max_len": max_len, "fingerprint": fingerprint,
+                                   "complete": False},
+                            on_error=on_error, desc=f"{split} images", progress=progress)
+        skipped += split_skipped
+        with h5py.File(tmp, "r+") as h:
             h.attrs["skipped"] = json.dumps([dataclasses.asdict(item) for item in skipped
                                              if item.split == split])
             h.attrs["complete"] = True
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data is meant to be shared
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -488,6 +402,11 @@ def main(argv: Sequence[str] | None = None) -> PreprocessResult:
     parser.add_argument("--max_len", type=int, default=50)
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=None)
+    parser.add_argument("--draft_min_ratio", type=float, default=DEFAULT_DRAFT_MIN_RATIO,
+                        help="decode JPEGs at 1/2..1/8 scale while keeping this fraction of "
+                             "image_size per side (default %(default)s)")
+    parser.add_argument("--full_decode", dest="draft_min_ratio", action="store_const",
+                        const=None, help="decode every image in full (no draft mode)")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--skip_bad_images", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
