@@ -1,0 +1,183 @@
+"""captioner.data.images: draft decoding, the uint8 resize, and writing straight into the HDF5."""
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.data import images
+from captioner.data.images import ImageWriter, load_image, resize
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour blobs plus a little grain: a JPEG-friendly stand-in for a photo."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    grain = rng.integers(-6, 7, (height, width, 3))
+    return (np.asarray(img, dtype=np.int16) + grain).clip(0, 255).astype(np.uint8)
+
+
+def _jpeg(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    Image.fromarray(_photo(width, height, seed)).save(path, quality=90)
+    return path
+
+
+def _pil_reference(path: Path, size: int) -> np.ndarray:
+    """The tutorial's pixels: full decode, RGB, PIL bilinear resize; (3, S, S)."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (64, 48), (20, 90), (9, 7), (32, 32)])
+@pytest.mark.parametrize("size", [16, 32])
+def test_resize_matches_pil_bilinear_within_one_level(shape, size):
+    pixels = _photo(shape[1], shape[0], seed=sum(shape))
+    ours = resize(pixels.copy(), size)
+    pil = np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR))
+    assert ours.shape == (3, size, size) and ours.dtype == np.uint8 and ours.flags.c_contiguous
+    assert np.abs(ours.astype(int) - pil.transpose(2, 0, 1)).max() <= 1
+
+
+def test_resize_to_the_same_size_is_exact():
+    pixels = _photo(24, 24)
+    np.testing.assert_array_equal(resize(pixels.copy(), 24), pixels.transpose(2, 0, 1))
+
+
+def test_full_decode_matches_the_tutorial_pixels(tmp_path):
+    path = _jpeg(tmp_path / "a.jpg", 80, 60)
+    ours = load_image(path, 32, draft_min_ratio=None)
+    assert np.abs(ours.astype(int) - _pil_reference(path, 32)).max() <= 1
+
+
+def test_draft_scale_follows_draft_min_ratio(tmp_path, monkeypatch):
+    """80x60 at S=32: 1/2 scale (40x30) keeps >= 0.9*32 = 29 px, 1/4 (20x15) does not."""
+    path = _jpeg(tmp_path / "a.jpg", 80, 60)
+    decoded = []
+    real_resize = images.resize
+
+    def spy(pixels, size):
+        decoded.append(pixels.shape[:2])
+        return real_resize(pixels, size)
+
+    monkeypatch.setattr(images, "resize", spy)
+    for ratio in (None, 1.0, 0.9, 0.45, 0.2):
+        load_image(path, 32, draft_min_ratio=ratio)
+    # None: full; 1.0: 1/2 gives 30 < 32 rows, so full; 0.9: 1/2; 0.45 (>= 15): 1/4; 0.2: 1/8
+    assert decoded == [(60, 80), (60, 80), (30, 40), (15, 20), (8, 10)]
+
+
+def test_draft_ratio_one_never_goes_below_s(tmp_path):
+    path = _jpeg(tmp_path / "big.jpg", 160, 128)  # 1/2 scale = 80x64 >= 64: drafting keeps S
+    exact = load_image(path, 64, draft_min_ratio=None)
+    drafted = load_image(path, 64, draft_min_ratio=1.0)
+    assert np.abs(drafted.astype(int) - exact).mean() < 2.0  # DCT-domain halving, then resize
+
+
+def test_draft_stays_close_to_full_decode(tmp_path):
+    """The default ratio on a 4:3 JPEG: decoded at 1/2 (below S in height) and upsampled."""
+    path = _jpeg(tmp_path / "a.jpg", 128, 96)
+    full = load_image(path, 64, draft_min_ratio=None).astype(float)
+    drafted = load_image(path, 64).astype(float)  # 64x48 decode, 0.75 < 0.8: full decode
+    np.testing.assert_array_equal(drafted, full)
+    drafted = load_image(path, 56).astype(float)  # 64x48 >= 0.8 * 56 = 45: drafted
+    full = load_image(path, 56, draft_min_ratio=None).astype(float)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((drafted - full) ** 2))
+    assert 0 < np.abs(drafted - full).mean() < 3 and psnr > 30
+
+
+def test_draft_min_ratio_is_validated(tmp_path):
+    path = _jpeg(tmp_path / "a.jpg", 20, 20)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="draft_min_ratio"):
+            load_image(path, 8, draft_min_ratio=bad)
+        with pytest.raises(ValueError, match="draft_min_ratio"):
+            ImageWriter(8, draft_min_ratio=bad)
+
+
+def _files(tmp_path: Path, n: int, bad=()) -> list[str]:
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"{i}.jpg"
+        if i in bad:
+            path.write_bytes(b"not a jpeg")
+        else:
+            _jpeg(path, 30 + 3 * i, 24 + 2 * i, seed=i)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_writer_rows_equal_load_image_and_layout_is_the_tutorials(tmp_path, num_workers):
+    paths = _files(tmp_path, 7)
+    out = tmp_path / "x.hdf5"
+    with ImageWriter(16, num_workers) as writer:
+        kept = writer.write(out, paths, attrs={"image_size": 16}, on_error=_no_errors,
+                            progress=False)
+    assert kept == list(range(7))
+    with h5py.File(out, "r") as h:
+        data = h["images"]
+        assert data.shape == (7, 3, 16, 16) and data.dtype == np.uint8
+        assert data.chunks is None and data.compression is None  # contiguous, as the tutorial's
+        assert h.attrs["image_size"] == 16
+        for i, path in enumerate(paths):
+            np.testing.assert_array_equal(data[i], load_image(path, 16))
+
+
+def _no_errors(index, message):
+    raise AssertionError(f"unexpected error for image {index}: {message}")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_writer_drops_unreadable_images_and_compacts(tmp_path, num_workers):
+    paths = _files(tmp_path, 6, bad={1, 4})
+    errors = []
+    with ImageWriter(16, num_workers) as writer:
+        kept = writer.write(tmp_path / "x.hdf5", paths, attrs={"complete": False},
+                            on_error=lambda i, msg: errors.append((i, msg)), progress=False)
+    assert kept == [0, 2, 3, 5]
+    assert [i for i, _ in errors] == [1, 4] and all("UnidentifiedImageError" in m for _, m in errors)
+    with h5py.File(tmp_path / "x.hdf5", "r") as h:
+        assert h["images"].shape == (4, 3, 16, 16) and not h.attrs["complete"]
+        for row, i in enumerate(kept):
+            np.testing.assert_array_equal(h["images"][row], load_image(paths[i], 16))
+    assert sorted(os.listdir(tmp_path)) == sorted([Path(p).name for p in paths] + ["x.hdf5"])
+
+
+def test_on_error_that_raises_aborts(tmp_path):
+    paths = _files(tmp_path, 5, bad={2})
+
+    def fail(index, message):
+        raise OSError(f"image {index}: {message}")
+
+    with ImageWriter(16, 2) as writer, pytest.raises(OSError, match="image 2"):
+        writer.write(tmp_path / "x.hdf5", paths, attrs={}, on_error=fail, progress=False)
+
+
+def test_one_pool_serves_several_files_even_when_a_path_is_reused(tmp_path):
+    """Workers keep a file open between tasks; a new file at the same path must not get
+    the old file's writes."""
+    paths = _files(tmp_path, 4)
+    out = tmp_path / "x.hdf5"
+    with ImageWriter(16, 1) as writer:
+        writer.write(out, paths[:2], attrs={}, on_error=_no_errors, progress=False)
+        out.unlink()
+        writer.write(out, paths[2:], attrs={}, on_error=_no_errors, progress=False)
+        writer.write(tmp_path / "y.hdf5", paths[:1], attrs={}, on_error=_no_errors,
+                     progress=False)
+    with h5py.File(out, "r") as h:
+        np.testing.assert_array_equal(h["images"][:], np.stack([load_image(p, 16) for p in paths[2:]]))
+    with h5py.File(tmp_path / "y.hdf5", "r") as h:
+        np.testing.assert_array_equal(h["images"][0], load_image(paths[0], 16))
+
+
+def test_empty_split_writes_an_empty_array(tmp_path):
+    with ImageWriter(16, 0) as writer:
+        assert writer.write(tmp_path / "x.hdf5", [], attrs={}, on_error=_no_errors,
+                            progress=False) == []
+    with h5py.File(tmp_path / "x.hdf5", "r") as h:
+        assert h["images"].shape == (0, 3, 16, 16)
