@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from captioner.data.images import load_image
+from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO, load_image
 from captioner.models import Captioner
 from captioner.vocab import END, WordMap, write_json_atomic
 
@@ -130,7 +130,8 @@ def _unwrap(model: Any, word_map: WordMap | dict[str, int] | None) -> tuple[Capt
 @torch.no_grad()
 def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: int, beam_size: int = 5,
                    max_len: int = 50, *, word_map: WordMap | dict[str, int] | None = None,
-                   length_penalty: float = 0.0, batch_size: int = 16) -> Iterator[CaptionResult]:
+                   length_penalty: float = 0.0, batch_size: int = 16,
+                   draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO) -> Iterator[CaptionResult]:
     """Caption image files in batches with beam search, yielding one result per path in order.
 
     Each file is decoded and resized by :func:`captioner.data.images.load_image` (the
@@ -147,6 +148,8 @@ def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: i
         word_map: needed when ``model`` is a bare ``Captioner``.
         length_penalty: GNMT ranking exponent (0 = the tutorial's raw log-probability).
         batch_size: images decoded and searched together.
+        draft_min_ratio: JPEG draft decoding (see :func:`captioner.data.images.load_image`);
+            pass the training data's ``data.draft_min_ratio``.
 
     Yields:
         :class:`CaptionResult`, in the order of ``paths``.
@@ -162,7 +165,7 @@ def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: i
         pixels, good = [], []
         for result in results:
             try:
-                pixels.append(torch.from_numpy(load_image(result.path, image_size)))
+                pixels.append(torch.from_numpy(load_image(result.path, image_size, draft_min_ratio)))
                 good.append(result)
             except IMAGE_ERRORS as e:
                 result.error = f"{type(e).__name__}: {e}"
@@ -251,7 +254,8 @@ def caption(cfg: DictConfig) -> int:
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass ckpt_path=path/to/model.ckpt")
     device = _device(cfg.get("device", "auto"))
     model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
-    image_size = cfg.get("image_size") or ((model.run_config or {}).get("data") or {}).get("image_size")
+    data_cfg = (model.run_config or {}).get("data") or {}
+    image_size = cfg.get("image_size") or data_cfg.get("image_size")
     if not image_size:
         raise ValueError(f"{ckpt_path} stores no data.image_size in its config; pass image_size=S, the "
                          f"side of the images it was trained on")
@@ -267,7 +271,10 @@ def caption(cfg: DictConfig) -> int:
     failures = len(errors)
     for result, name in zip(caption_images(model, paths, int(image_size), cfg.beam, cfg.max_len,
                                            length_penalty=cfg.get("length_penalty", 0.0),
-                                           batch_size=cfg.get("batch_size", 16)), names):
+                                           batch_size=cfg.get("batch_size", 16),
+                                           draft_min_ratio=data_cfg.get("draft_min_ratio",
+                                                                        DEFAULT_DRAFT_MIN_RATIO)),
+                          names):
         record: dict[str, Any] = {"path": str(result.path)}
         if not result.ok:
             failures += 1

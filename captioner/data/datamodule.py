@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from captioner.data.dataset import (SPLITS, QUICKSTART_HINT, CaptionH5Dataset, EpochAwareSampler,
                                     collate)
+from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO
 from captioner.data.preprocess import data_name, split_files, word_map_file
 from captioner.vocab import WordMap
 
@@ -65,6 +66,9 @@ class CaptionDataModule(LightningDataModule):
         skip_bad_images: preprocessing skips unreadable images instead of failing.
         overwrite: rebuild the prepared files even if they are up to date.
         preprocess_workers: processes used to resize images while preprocessing.
+        draft_min_ratio: preprocessing decodes JPEGs at 1/2..1/8 scale while that keeps at
+            least ``draft_min_ratio * image_size`` pixels per side; None = full decode (see
+            :func:`captioner.data.images.load_image`).
         seed: seed of preprocessing, of the train shuffling and of the caption-row choice.
         synthetic: keyword arguments of ``generate_shapes`` (``shapes`` only).
     """
@@ -75,7 +79,8 @@ class CaptionDataModule(LightningDataModule):
                  eval_batch_size: int | None = None, captions_per_sample: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True,
                  multiprocessing_context: str | None = None, skip_bad_images: bool = False,
-                 overwrite: bool = False, preprocess_workers: int | None = None, seed: int = 123,
+                 overwrite: bool = False, preprocess_workers: int | None = None,
+                 draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO, seed: int = 123,
                  synthetic: Mapping[str, Any] | None = None):
         super().__init__()
         if dataset not in DATASETS:
@@ -106,6 +111,7 @@ class CaptionDataModule(LightningDataModule):
         self.skip_bad_images = bool(skip_bad_images)
         self.overwrite = bool(overwrite)
         self.preprocess_workers = preprocess_workers
+        self.draft_min_ratio = draft_min_ratio
         self.seed = int(seed)
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.datasets: dict[str, CaptionH5Dataset] = {}
@@ -207,6 +213,7 @@ class CaptionDataModule(LightningDataModule):
             image_folder=self.image_folder, captions_per_image=self.captions_per_image,
             min_word_freq=self.min_word_freq, output_folder=self.data_folder, max_len=self.max_len,
             image_size=self.image_size, num_workers=self.preprocess_workers,
+            draft_min_ratio=self.draft_min_ratio,
             skip_bad_images=self.skip_bad_images, overwrite=self.overwrite, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
