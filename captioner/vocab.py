@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 PAD = "<pad>"
@@ -67,6 +67,16 @@ class WordMap:
         counts: Counter[str] = Counter()
         for tokens in captions:
             counts.update(tokens)
+        return cls.from_counts(counts, min_word_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_word_freq: int) -> "WordMap":
+        """Build from word counts (``{word: times seen}``); the rules of :meth:`build`.
+
+        Lets a caller count words while streaming captions, without keeping them.
+        """
+        if min_word_freq < 1:
+            raise ValueError(f"min_word_freq must be >= 1, got {min_word_freq}")
         for tok in SPECIAL_TOKENS:
             if tok in counts:
                 raise ValueError(f"caption token {tok!r} collides with a special token")

@@ -14,11 +14,15 @@ The format (Karpathy's ``dataset_*.json``)::
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import ijson
 
 from captioner.vocab import WordMap
 
@@ -54,13 +58,41 @@ class KarpathyImage:
 
 
 def read_karpathy(json_path: str | os.PathLike, image_folder: str | os.PathLike) -> list[KarpathyImage]:
-    """Read and validate a Karpathy-split JSON.
+    """Read and validate a Karpathy-split JSON into a list (see :func:`iter_karpathy`).
+
+    Holds every image's captions at once (about 1 GB of Python objects for COCO); code that
+    reads the whole dataset should stream with :func:`iter_karpathy` instead.
 
     Args:
         json_path: the ``dataset_*.json`` file.
         image_folder: folder the entries' ``filepath``/``filename`` are relative to.
 
     Returns:
+        One :class:`KarpathyImage` per entry, in file order.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`iter_karpathy`.
+    """
+    return list(iter_karpathy(json_path, image_folder))
+
+
+def iter_karpathy(json_path: str | os.PathLike, image_folder: str | os.PathLike,
+                  file: BinaryIO | None = None) -> Iterator[KarpathyImage]:
+    """Stream and validate a Karpathy-split JSON, one image at a time.
+
+    The JSON is parsed incrementally (``ijson``, C backend), so memory does not grow with
+    the number of images: only the ids seen so far are kept, for the duplicate check.
+    Errors are raised when the iteration reaches them; consume the whole iterator to
+    validate the whole file.
+
+    Args:
+        json_path: the ``dataset_*.json`` file (named in every error).
+        image_folder: folder the entries' ``filepath``/``filename`` are relative to.
+        file: an open binary handle of ``json_path`` to read instead of opening it; it is
+            rewound first. Several passes over one handle read the same bytes even if the
+            file is replaced on disk in between.
+
+    Yields:
         One :class:`KarpathyImage` per entry, in file order.
 
     Raises:
@@ -71,29 +103,62 @@ def read_karpathy(json_path: str | os.PathLike, image_folder: str | os.PathLike)
     """
     json_path = Path(json_path)
     image_folder = Path(image_folder)
-    try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Karpathy JSON {json_path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_path}: not valid JSON ({e}); expected Karpathy's "
-                         f"dataset_*.json format") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path}: missing the top-level 'images' list; expected "
-                         f'{{"dataset": ..., "images": [...]}} (Karpathy\'s format)')
+    with contextlib.ExitStack() as stack:
+        if file is None:
+            try:
+                file = stack.enter_context(open(json_path, "rb"))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"Karpathy JSON {json_path} does not exist") from None
+        file.seek(0)
+        _check_top_level(json_path, file)
+        file.seek(0)
+        first_index_of_id: dict[int, int] = {}
+        for index, entry in enumerate(_entries(json_path, file)):
+            image = _parse_image(json_path, image_folder, index, entry)
+            if image.image_id in first_index_of_id:
+                raise ValueError(f"{json_path}: {image.describe()}: field 'cocoid'/'imgid': id "
+                                 f"{image.image_id} is also used by image "
+                                 f"#{first_index_of_id[image.image_id]}; image ids must be unique")
+            first_index_of_id[image.image_id] = index
+            yield image
 
-    images: list[KarpathyImage] = []
-    first_index_of_id: dict[int, int] = {}
-    for index, entry in enumerate(data["images"]):
-        image = _parse_image(json_path, image_folder, index, entry)
-        if image.image_id in first_index_of_id:
-            raise ValueError(f"{json_path}: {image.describe()}: field 'cocoid'/'imgid': id "
-                             f"{image.image_id} is also used by image "
-                             f"#{first_index_of_id[image.image_id]}; image ids must be unique")
-        first_index_of_id[image.image_id] = index
-        images.append(image)
-    return images
+
+def _invalid_json(json_path: Path, error: Exception) -> ValueError:
+    detail = error.args[0] if error.args else error
+    if isinstance(detail, bytes):  # the C backend reports some errors as bytes
+        detail = detail.decode("utf-8", errors="replace")
+    detail = " ".join(str(detail).split())  # yajl's messages span several lines
+    return ValueError(f"{json_path}: not valid JSON ({detail}); expected Karpathy's "
+                      f"dataset_*.json format")
+
+
+def _check_top_level(json_path: Path, file: BinaryIO) -> None:
+    """Raise unless the JSON is an object whose key ``images`` holds a list.
+
+    Reads parser events only up to the ``images`` key (the first key in Karpathy's files),
+    so this costs nothing for well-formed files; the rest is checked while streaming.
+    """
+    events = ijson.parse(file, use_float=True)
+    try:
+        for prefix, event, _ in events:
+            if prefix == "" and event != "start_map" and event != "map_key":
+                break  # the top level is not an object (or the object ended)
+            if prefix == "images":  # the top-level key's value (nested keys have longer prefixes)
+                if event == "start_array":
+                    return
+                break
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise _invalid_json(json_path, e) from None
+    raise ValueError(f"{json_path}: missing the top-level 'images' list; expected "
+                     f'{{"dataset": ..., "images": [...]}} (Karpathy\'s format)')
+
+
+def _entries(json_path: Path, file: BinaryIO) -> Iterator[object]:
+    """The items of the top-level ``images`` list, parsed one at a time."""
+    try:
+        yield from ijson.items(file, "images.item", use_float=True)
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise _invalid_json(json_path, e) from None
 
 
 def _parse_image(json_path: Path, image_folder: Path, index: int, entry) -> KarpathyImage:
@@ -151,13 +216,20 @@ def build_word_map(images: Iterable[KarpathyImage], min_word_freq: int) -> WordM
     """The word map of the **train** split's captions (all of them, any length).
 
     Words seen at least ``min_word_freq`` times are kept (``>=``, see
-    :meth:`captioner.vocab.WordMap.build`); val and test words never leak in.
+    :meth:`captioner.vocab.WordMap.build`); val and test words never leak in. ``images``
+    is consumed once and not kept, so it may be :func:`iter_karpathy`'s stream.
 
     Raises:
         ValueError: there are no train images.
     """
-    train = [image for image in images if image.split == "train"]
-    if not train:
+    counts: Counter[str] = Counter()
+    num_train = 0
+    for image in images:
+        if image.split == "train":
+            num_train += 1
+            for tokens in image.tokens:
+                counts.update(tokens)
+    if not num_train:
         raise ValueError("no train images (split 'train' or 'restval'); the word map is "
                          "built from the train split")
-    return WordMap.build((tokens for image in train for tokens in image.tokens), min_word_freq)
+    return WordMap.from_counts(counts, min_word_freq)
