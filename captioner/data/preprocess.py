@@ -12,6 +12,15 @@ JSONs are renamed into place, then the HDF5 files, which carry ``fingerprint`` a
 serialises concurrent calls (DDP ranks); a call whose outputs exist with the same fingerprint
 is a no-op.
 
+Memory: peak memory does not grow with the captions. The Karpathy JSON is streamed
+(:func:`captioner.data.karpathy.iter_karpathy`) from one open handle: one pass validates it,
+counts train words and counts each split (so every JSON error, and a missing short caption,
+comes before any image is decoded); then one pass per split samples the captions and appends
+each image's JSON text to scratch files, the split's images are decoded, and its JSON temp
+files are assembled from the scratch lines of the images that were kept. Only the split being
+decoded keeps per-image data (its paths and ids). The outputs are byte for byte what
+``json.dumps`` of the whole lists gives.
+
 Run alone with ``python -m captioner.data.preprocess --help``.
 """
 
@@ -29,15 +38,17 @@ import random
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, TextIO
 
 import h5py
 
 from captioner.data.images import CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter
-from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, read_karpathy
-from captioner.vocab import write_json_atomic
+from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, iter_karpathy
+from captioner.vocab import WordMap, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +134,12 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(file: BinaryIO) -> str:
+    """sha256 of an open binary file's whole content (read from the start)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    file.seek(0)
+    for chunk in iter(lambda: file.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -232,16 +244,18 @@ def create_input_files(dataset: str,
     paths = [split_files(output_folder, name, split) for split in SPLITS]
     word_map_path = word_map_file(output_folder, name)
 
-    with exclusive_lock(output_folder / LOCK_NAME):
+    with exclusive_lock(output_folder / LOCK_NAME), contextlib.ExitStack() as stack:
         if not karpathy_json_path.is_file():
             raise FileNotFoundError(f"Karpathy JSON {karpathy_json_path} does not exist")
+        # One handle for the hash and every pass: a JSON replaced meanwhile cannot mix in.
+        json_file = stack.enter_context(open(karpathy_json_path, "rb"))
         fingerprint = _fingerprint({
             "format_version": FORMAT_VERSION, "dataset": dataset,
             "captions_per_image": captions_per_image, "min_word_freq": min_word_freq,
             "max_len": max_len, "image_size": image_size, "seed": seed,
             "skip_bad_images": skip_bad_images, "draft_min_ratio": draft_min_ratio,
             "image_folder": str(image_folder.resolve()),
-            "karpathy_json_sha256": _sha256(karpathy_json_path)})
+            "karpathy_json_sha256": _sha256(json_file)})
         state, detail = _existing_state(paths, word_map_path, fingerprint)
         if state == "complete" and not overwrite:
             return _read_result(output_folder, name, paths, word_map_path, fingerprint)
@@ -250,9 +264,10 @@ def create_input_files(dataset: str,
                              f"another output_folder.")
         for stale in output_folder.glob(f".*{name}*.tmp"):  # only we write these; we hold the lock
             stale.unlink(missing_ok=True)
-        return _build(dataset, karpathy_json_path, image_folder, captions_per_image, min_word_freq,
-                      output_folder, name, paths, word_map_path, max_len, image_size, num_workers,
-                      draft_min_ratio, skip_bad_images, seed, progress, fingerprint)
+        source = _Source(karpathy_json_path, image_folder, json_file)
+        return _build(source, captions_per_image, min_word_freq, name, paths, word_map_path,
+                      max_len, image_size, num_workers, draft_min_ratio, skip_bad_images, seed,
+                      progress, fingerprint, output_folder)
 
 
 def _read_result(output_folder: Path, name: str, paths: list[SplitFiles], word_map_path: Path,
@@ -266,83 +281,133 @@ def _read_result(output_folder: Path, name: str, paths: list[SplitFiles], word_m
                             noop=True, fingerprint=fingerprint)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """The Karpathy JSON, read in passes from one open handle (see :func:`iter_karpathy`)."""
+
+    json_path: Path
+    image_folder: Path
+    file: BinaryIO
+
+    def images(self) -> Iterator[KarpathyImage]:
+        return iter_karpathy(self.json_path, self.image_folder, self.file)
+
+    def describe(self, index: int) -> str:
+        """How errors name entry ``index`` (re-reads the JSON: for error messages only)."""
+        return next(image for i, image in enumerate(self.images()) if i == index).describe()
+
+
 @dataclass
-class _SplitPlan:
-    images: list[KarpathyImage]
-    captions: list[list[list[str]]]  # per image: captions_per_image token lists
+class _Survey:
+    """What the validating pass learns: per-split counts, never captions.
+
+    Attributes:
+        num_planned: per split, images with a caption of at most ``max_len`` tokens.
+        unusable: per split, the images without one (only ``skip_bad_images`` keeps them
+            all; otherwise only the first, for the error).
+    """
+
+    max_len: int
+    keep_all_unusable: bool
+    num_planned: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    unusable: dict[str, list[SkippedImage]] = field(
+        default_factory=lambda: {split: [] for split in SPLITS})
+    first_unusable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return f"no caption with at most max_len={self.max_len} tokens"
+
+    def observe(self, images: Iterable[KarpathyImage]) -> Iterator[KarpathyImage]:
+        """Pass ``images`` through, counting them."""
+        for image in images:
+            if any(len(tokens) <= self.max_len for tokens in image.tokens):
+                self.num_planned[image.split] += 1
+            else:
+                self.first_unusable.setdefault(image.split, image.describe())
+                if self.keep_all_unusable:
+                    self.unusable[image.split].append(
+                        SkippedImage(str(image.path), image.image_id, image.split, self.reason))
+            yield image
+
+    def check(self) -> None:
+        """Raise for the first unusable image, in split order (train, val, test)."""
+        for split in SPLITS:
+            if split in self.first_unusable:
+                raise ValueError(f"{self.first_unusable[split]}: {self.reason}; raise max_len or "
+                                 f"pass skip_bad_images=True")
 
 
-def _plan_split(images: list[KarpathyImage], cpi: int, max_len: int, rng: random.Random,
-                skip: bool, skipped: list[SkippedImage]) -> _SplitPlan:
-    plan = _SplitPlan([], [])
-    for image in images:
-        usable = [tokens for tokens in image.tokens if len(tokens) <= max_len]
-        if not usable:
-            reason = f"no caption with at most max_len={max_len} tokens"
-            if not skip:
-                raise ValueError(f"{image.describe()}: {reason}; raise max_len or pass "
-                                 f"skip_bad_images=True")
-            skipped.append(SkippedImage(str(image.path), image.image_id, image.split, reason))
-            continue
-        if len(usable) < cpi:
-            chosen = usable + [rng.choice(usable) for _ in range(cpi - len(usable))]
-        else:
-            chosen = rng.sample(usable, k=cpi)
-        plan.images.append(image)
-        plan.captions.append(chosen)
-    return plan
+def _sample_captions(image: KarpathyImage, cpi: int, max_len: int,
+                     rng: random.Random) -> list[list[str]] | None:
+    """``cpi`` of the image's captions of at most ``max_len`` tokens; None if it has none.
+
+    All of them plus ``rng.choice`` picks when there are fewer than ``cpi``, else
+    ``rng.sample`` (the tutorial's rule and random stream).
+    """
+    usable = [tokens for tokens in image.tokens if len(tokens) <= max_len]
+    if not usable:
+        return None
+    if len(usable) < cpi:
+        return usable + [rng.choice(usable) for _ in range(cpi - len(usable))]
+    return rng.sample(usable, k=cpi)
 
 
-def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output_folder, name,
-           paths, word_map_path, max_len, image_size, num_workers, draft_min_ratio, skip_bad_images, seed,
-           progress, fingerprint) -> PreprocessResult:
-    images = read_karpathy(karpathy_json_path, image_folder)
-    word_map = build_word_map(images, min_word_freq)
-    rng = random.Random(seed)
-    skipped: list[SkippedImage] = []
-    plans = {}
-    for split in SPLITS:
-        split_images = [image for image in images if image.split == split]
-        plans[split] = _plan_split(split_images, cpi, max_len, rng, skip_bad_images, skipped)
+@dataclass
+class _Staged:
+    """One split's complete temp files, renamed into place by the commit."""
 
-    total = sum(len(plan.images) for plan in plans.values())
+    images: Path
+    captions: Path
+    caplens: Path
+    references: Path
+    num_images: int
+
+
+def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list[SplitFiles],
+           word_map_path: Path, max_len: int, image_size: int, num_workers: int | None,
+           draft_min_ratio: float | None, skip_bad_images: bool, seed: int, progress: bool,
+           fingerprint: str, output_folder: Path) -> PreprocessResult:
+    """Validate, stage every split's files under temp names, then commit them.
+
+    Memory stays flat in the number of captions: the JSON is streamed once to validate it,
+    count train words and count each split, then once per split (train, val, test: the
+    order the random stream is consumed) to sample captions and write them out. Across
+    the dataset only the split being decoded has per-image data in memory (its paths and
+    ids, which the decoder needs).
+    """
+    survey = _Survey(max_len, keep_all_unusable=skip_bad_images)
+    word_map = build_word_map(survey.observe(source.images()), min_word_freq)
+    if not skip_bad_images:
+        survey.check()  # before any image is decoded
+    skipped = [item for split in SPLITS for item in survey.unusable[split]]
+
+    total = sum(survey.num_planned.values())
     if num_workers is None:
         num_workers = len(os.sched_getaffinity(0)) if total >= 4 * CHUNKSIZE else 0
-    staged: dict[str, tuple[Path, list[int]]] = {}
+    rng = random.Random(seed)
+    temps: list[Path] = []  # every temp file we made, removed on the way out
     try:
+        staged: dict[str, _Staged] = {}
         with ImageWriter(image_size, num_workers, draft_min_ratio) as writer:
             for split, files in zip(SPLITS, paths):
-                staged[split] = _stage_images(writer, plans[split], split, files.images, cpi,
-                                              max_len, fingerprint, skip_bad_images, skipped,
-                                              progress)
-    except BaseException:
-        for tmp, _ in staged.values():
-            tmp.unlink(missing_ok=True)
-        raise
+                staged[split] = _stage_split(source, writer, word_map, rng, split, files, cpi,
+                                             max_len, fingerprint, skip_bad_images, skipped,
+                                             progress, temps)
 
-    # Commit: old HDF5 markers out, JSONs in, HDF5 files last.
-    try:
+        # Commit: old HDF5 markers out, word map and JSONs in, HDF5 files last.
         for files in paths:
             files.images.unlink(missing_ok=True)
-        word_map.save(word_map_path)
+        write_json_atomic(word_map_path, word_map.to_dict())  # what WordMap.save writes
         for split, files in zip(SPLITS, paths):
-            plan, kept = plans[split], staged[split][1]
-            rows, lengths = [], []
-            for i in kept:
-                for tokens in plan.captions[i]:
-                    rows.append(word_map.encode(tokens, max_len))
-                    lengths.append(len(tokens) + 2)
-            write_json_atomic(files.captions, rows)
-            write_json_atomic(files.caplens, lengths)
-            write_json_atomic(files.references, {
-                "image_ids": [plan.images[i].image_id for i in kept],
-                "paths": [str(plan.images[i].path) for i in kept],
-                "tokens": [plan.images[i].tokens for i in kept],
-                "raw": [plan.images[i].raw for i in kept]})
+            for tmp, final in ((staged[split].captions, files.captions),
+                               (staged[split].caplens, files.caplens),
+                               (staged[split].references, files.references)):
+                os.replace(tmp, final)
         for split, files in zip(SPLITS, paths):
-            os.replace(staged[split][0], files.images)
+            os.replace(staged[split].images, files.images)
     finally:
-        for tmp, _ in staged.values():
+        for tmp in temps:
             tmp.unlink(missing_ok=True)
 
     if skipped:
@@ -350,42 +415,135 @@ def _build(dataset, karpathy_json_path, image_folder, cpi, min_word_freq, output
                     "; ".join(f"{s.path} ({s.reason})" for s in skipped[:10])
                     + (" ..." if len(skipped) > 10 else ""))
     return PreprocessResult(output_folder, name, word_map_path,
-                            {split: len(staged[split][1]) for split in SPLITS}, skipped,
+                            {split: staged[split].num_images for split in SPLITS}, skipped,
                             noop=False, fingerprint=fingerprint)
 
 
-def _stage_images(writer: ImageWriter, plan: _SplitPlan, split: str, final: Path, cpi: int,
-                  max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
-                  progress: bool) -> tuple[Path, list[int]]:
-    """Decode one split's images into a temp HDF5; return (temp path, indices kept)."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+# One scratch file per section of a split's JSON outputs; line i is image i's JSON text.
+_SECTIONS = ("captions", "caplens", "image_ids", "paths", "tokens", "raw")
+_REFERENCE_KEYS = ("image_ids", "paths", "tokens", "raw")  # REFERENCES_*.json, in this order
+
+
+def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: random.Random,
+                 split: str, files: SplitFiles, cpi: int, max_len: int, fingerprint: str,
+                 skip: bool, skipped: list[SkippedImage], progress: bool,
+                 temps: list[Path]) -> _Staged:
+    """One pass over the JSON for ``split``, its decode, then its three JSON temp files.
+
+    The pass samples each image's captions and appends its JSON texts to scratch files;
+    once the decoder has said which images it could read, the outputs are assembled from
+    the scratch lines of those images (``json.dumps`` formatting, byte for byte).
+    """
+    scratch = {section: _temp_beside(files.captions, temps, f"{section}.") for section in _SECTIONS}
+    image_paths: list[str] = []
+    image_ids = array("q")  # for SkippedImage
+    indices = array("q")  # position in the JSON, for error messages
+    with contextlib.ExitStack() as stack:
+        out = {section: stack.enter_context(open(path, "w", encoding="utf-8"))
+               for section, path in scratch.items()}
+        for index, image in enumerate(source.images()):
+            if image.split != split:
+                continue
+            chosen = _sample_captions(image, cpi, max_len, rng)
+            if chosen is None:
+                continue  # counted by the survey
+            # json.dumps of a list is "[" + ", ".join(items) + "]": keep the items' text
+            out["captions"].write(json.dumps([word_map.encode(t, max_len) for t in chosen])[1:-1])
+            out["caplens"].write(json.dumps([len(t) + 2 for t in chosen])[1:-1])
+            out["image_ids"].write(json.dumps(image.image_id))
+            out["paths"].write(json.dumps(str(image.path)))
+            out["tokens"].write(json.dumps(image.tokens))
+            out["raw"].write(json.dumps(image.raw))
+            for f in out.values():
+                f.write("\n")  # json.dumps never writes a raw newline
+            image_paths.append(str(image.path))
+            image_ids.append(image.image_id)
+            indices.append(index)
+
+    def describe(i: int) -> str:
+        return source.describe(indices[i])
+
+    tmp_h5, failed = _stage_images(writer, image_paths, image_ids, describe, split, files.images,
+                                   cpi, max_len, fingerprint, skip, skipped, progress, temps)
+    num_images = len(image_paths) - len(failed)
+    del image_paths, image_ids, indices
+
+    captions = _temp_beside(files.captions, temps)
+    with open(captions, "w", encoding="utf-8") as f:
+        _copy_list(scratch["captions"], failed, f)
+    caplens = _temp_beside(files.caplens, temps)
+    with open(caplens, "w", encoding="utf-8") as f:
+        _copy_list(scratch["caplens"], failed, f)
+    references = _temp_beside(files.references, temps)
+    with open(references, "w", encoding="utf-8") as f:
+        f.write("{")
+        for k, key in enumerate(_REFERENCE_KEYS):
+            f.write(f"{', ' if k else ''}{json.dumps(key)}: ")
+            _copy_list(scratch[key], failed, f)
+        f.write("}")
+    mode = 0o666 & ~_umask()  # what write_json_atomic gives
+    for path in (captions, caplens, references):
+        os.chmod(path, mode)
+    for path in scratch.values():
+        path.unlink()
+    return _Staged(tmp_h5, captions, caplens, references, num_images)
+
+
+def _copy_list(scratch: Path, failed: set[int], out: TextIO) -> None:
+    """Write ``[line0, line1, ...]`` from a scratch file, leaving out lines in ``failed``."""
+    out.write("[")
+    separator = ""
+    with open(scratch, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i not in failed:
+                out.write(separator)
+                out.write(line[:-1])
+                separator = ", "
+    out.write("]")
+
+
+def _temp_beside(final: Path, temps: list[Path], tag: str = "") -> Path:
+    """A new empty temp file ``.{final.name}.{tag}XXXX.tmp`` beside ``final``, registered in
+    ``temps``; the name matches the stale-file sweep of :func:`create_input_files`."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.{tag}", suffix=".tmp", dir=final.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    temps.append(Path(name))
+    return temps[-1]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stage_images(writer: ImageWriter, image_paths: list[str], image_ids: Sequence[int],
+                  describe: Callable[[int], str], split: str, final: Path, cpi: int,
+                  max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
+                  progress: bool, temps: list[Path]) -> tuple[Path, set[int]]:
+    """Decode one split's images into a temp HDF5; return (temp path, indices left out)."""
+    tmp = _temp_beside(final, temps)
     split_skipped: list[SkippedImage] = []
+    failed: set[int] = set()
 
     def on_error(i: int, error: str) -> None:
-        image = plan.images[i]
         if not skip:
-            raise OSError(f"cannot read image {image.path} ({image.describe()} in the Karpathy "
+            raise OSError(f"cannot read image {image_paths[i]} ({describe(i)} in the Karpathy "
                           f"JSON): {error}. Fix or remove the file, or pass skip_bad_images=True")
-        split_skipped.append(SkippedImage(str(image.path), image.image_id, split, error))
+        split_skipped.append(SkippedImage(image_paths[i], image_ids[i], split, error))
+        failed.add(i)
 
-    try:
-        kept = writer.write(tmp, [str(image.path) for image in plan.images],
-                            attrs={"captions_per_image": cpi, "image_size": writer.image_size,
-                                   "max_len": max_len, "fingerprint": fingerprint,
-                                   "complete": False},
-                            on_error=on_error, desc=f"{split} images", progress=progress)
-        skipped += split_skipped
-        with h5py.File(tmp, "r+") as h:
-            h.attrs["skipped"] = json.dumps([dataclasses.asdict(item) for item in skipped
-                                             if item.split == split])
-            h.attrs["complete"] = True
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data is meant to be shared
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, kept
+    writer.write(tmp, image_paths,
+                 attrs={"captions_per_image": cpi, "image_size": writer.image_size,
+                        "max_len": max_len, "fingerprint": fingerprint, "complete": False},
+                 on_error=on_error, desc=f"{split} images", progress=progress)
+    skipped += split_skipped
+    with h5py.File(tmp, "r+") as h:
+        h.attrs["skipped"] = json.dumps([dataclasses.asdict(item) for item in skipped
+                                         if item.split == split])
+        h.attrs["complete"] = True
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data is meant to be shared
+    return tmp, failed
 
 
 # --------------------------------------------------------------------------- CLI
