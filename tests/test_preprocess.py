@@ -220,19 +220,28 @@ KILL_SCRIPT = textwrap.dedent("""
                 pause()
             return decode(task)
         images._write_task = slow_decode
-    else:
+    elif hook == "commit":  # after the word map, before any caption JSON is in place
         write = pp.write_json_atomic
         def slow_write(path, obj):
             write(path, obj)
             pause()
         pp.write_json_atomic = slow_write
+    else:  # "rename": word map, TRAIN captions and caplens renamed into place, the rest not
+        import os
+        replace, renames = os.replace, []
+        def slow_replace(src, dst):
+            replace(src, dst)
+            renames.append(dst)
+            if len(renames) == 3:
+                pause()
+        os.replace = slow_replace
     pp.create_input_files("tiny", json_path, folder, captions_per_image=3, min_word_freq=1,
                           output_folder=out, max_len=8, image_size=16, num_workers=0,
                           progress=False)
 """)
 
 
-@pytest.mark.parametrize("hook", ["decode", "commit"])
+@pytest.mark.parametrize("hook", ["decode", "commit", "rename"])
 def test_sigkill_mid_write_then_rerun_gives_complete_files(raw, tmp_path, hook):
     out, ready = tmp_path / "out", tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, hook, str(ready), str(raw[0]),
@@ -392,3 +401,141 @@ def test_hydra_route_prepares_the_training_data_config(tmp_path):
         with h5py.File(prepared / f"{split}_IMAGES_{name}.hdf5") as f:
             assert f["images"].shape == (count, 3, 64, 64)
     assert (prepared / f"WORDMAP_{name}.json").is_file()
+
+
+def _expected_outputs(json_path: Path, folder: Path, cpi: int, max_len: int, seed: int,
+                      unreadable: set[int]) -> dict[str, bytes]:
+    """The output JSONs built in memory from json.load, as the pre-streaming code did."""
+    entries = json.loads(json_path.read_text())["images"]
+    split_of = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+    train = [s["tokens"] for e in entries if split_of[e["split"]] == "train" for s in e["sentences"]]
+    wm = WordMap.build(train, min_word_freq=1)
+    name = data_name("tiny", cpi, 1)
+    expected = {f"WORDMAP_{name}.json": json.dumps(wm.to_dict()).encode()}
+    rng = random.Random(seed)
+    for split in ("train", "val", "test"):
+        rows, lengths, refs = [], [], {"image_ids": [], "paths": [], "tokens": [], "raw": []}
+        for e in (e for e in entries if split_of[e["split"]] == split):
+            usable = [s["tokens"] for s in e["sentences"] if len(s["tokens"]) <= max_len]
+            if not usable:
+                continue  # no random draw for an image without a usable caption
+            if len(usable) < cpi:
+                chosen = usable + [rng.choice(usable) for _ in range(cpi - len(usable))]
+            else:
+                chosen = rng.sample(usable, k=cpi)
+            if e["cocoid"] in unreadable:
+                continue  # sampled (the draws happen before decoding), then dropped
+            rows += [wm.encode(t, max_len) for t in chosen]
+            lengths += [len(t) + 2 for t in chosen]
+            refs["image_ids"].append(e["cocoid"])
+            refs["paths"].append(str(folder / e["filepath"] / e["filename"]))
+            refs["tokens"].append([s["tokens"] for s in e["sentences"]])
+            refs["raw"].append([s["raw"] for s in e["sentences"]])
+        upper = split.upper()
+        expected[f"{upper}_CAPTIONS_{name}.json"] = json.dumps(rows).encode()
+        expected[f"{upper}_CAPLENS_{name}.json"] = json.dumps(lengths).encode()
+        expected[f"{upper}_REFERENCES_{name}.json"] = json.dumps(refs).encode()
+    return expected
+
+
+@pytest.mark.parametrize("cpi, seed", [(3, 123), (5, 7)])
+def test_json_outputs_byte_identical_to_in_memory_reference(raw, tmp_path, cpi, seed):
+    """Streamed outputs equal json.dumps of the whole objects, byte for byte, also when an
+    image has no usable caption (train) and another cannot be decoded (val)."""
+    json_path, folder = raw
+    data = json.loads(json_path.read_text())
+    data["images"][4]["sentences"] = [{"tokens": ["a"] * 9, "raw": "too long \u00e9\n"}]
+    data["images"][0]["sentences"][0]["raw"] = "Unicode \u00fc\u2603 \"quotes\" \\ tab\t"
+    json_path.write_text(json.dumps(data))
+    bad = _break(raw, "text")  # image #7, id 107
+    result = run(raw, tmp_path / "out", captions_per_image=cpi, seed=seed, skip_bad_images=True)
+    assert [(s.image_id, s.split) for s in result.skipped] == [(104, "train"), (107, "val")]
+    assert result.num_images == {"train": 5, "val": 1, "test": 2}
+    written = {name: data for name, data in output_bytes(tmp_path / "out").items()
+               if name.endswith(".json")}
+    assert written == _expected_outputs(json_path, folder, cpi, 8, seed, unreadable={107})
+    assert str(bad) not in written[f"VAL_REFERENCES_{result.data_name}.json"].decode()
+
+
+def test_invalid_entry_late_in_the_json_fails_before_any_decode(raw, tmp_path, monkeypatch):
+    """The validating pass reads the whole JSON first: an error in the last entry, or an
+    image without a short caption, stops preprocessing before any image is decoded."""
+    import captioner.data.images as images
+
+    decoded = []
+    write_task = images._write_task
+    monkeypatch.setattr(images, "_write_task", lambda task: decoded.append(task) or write_task(task))
+    json_path = raw[0]
+    data = json.loads(json_path.read_text())
+    data["images"][-1]["split"] = "holdout"
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"image #9 \('9.jpg'\): field 'split'"):
+        run(raw, tmp_path / "out")
+    data["images"][-1]["split"] = "test"
+    data["images"][-1]["sentences"] = [{"tokens": ["a"] * 9, "raw": "long"}]
+    json_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"image #9 \('9.jpg'.*max_len=8"):
+        run(raw, tmp_path / "out")
+    assert decoded == [] and [p.name for p in (tmp_path / "out").iterdir()] == [".preprocess.lock"]
+    run(raw, tmp_path / "out", skip_bad_images=True)
+    assert len(decoded) == 9
+
+
+def test_json_replaced_mid_run_does_not_mix_in(raw, tmp_path, monkeypatch):
+    """Every pass reads the handle opened (and hashed) at the start."""
+    import captioner.data.preprocess as pp
+
+    run(raw, tmp_path / "clean")
+    json_path = raw[0]
+    changed = json.loads(json_path.read_text())
+    for entry in changed["images"]:
+        entry["sentences"] = list(reversed(entry["sentences"]))
+        entry["cocoid"] += 1000
+    build = pp.build_word_map
+
+    def build_then_replace(images, min_word_freq):
+        word_map = build(images, min_word_freq)
+        staged = json_path.with_suffix(".new")
+        staged.write_text(json.dumps(changed))
+        os.replace(staged, json_path)  # after the validating pass, before the split passes
+        return word_map
+
+    monkeypatch.setattr(pp, "build_word_map", build_then_replace)
+    run(raw, tmp_path / "out")
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "clean")
+
+
+def _many_entries(root: Path, n: int) -> tuple[Path, Path]:
+    """A Karpathy JSON of ``n`` entries (unique ids, 5 captions each) over one tiny JPEG."""
+    (root / "img").mkdir(parents=True)
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "img" / "0.jpg")
+    rng = random.Random(n)
+    entries = []
+    for i in range(n):
+        sentences = [{"tokens": (t := [rng.choice(WORDS) + str(rng.randrange(20)) for _ in range(12)]),
+                      "raw": " ".join(t)} for _ in range(5)]
+        entries.append({"filepath": "img", "filename": "0.jpg", "cocoid": i,
+                        "split": ("train", "train", "val", "test")[i % 4], "sentences": sentences})
+    json_path = root / "dataset_tiny.json"
+    json_path.write_text(json.dumps({"images": entries}))
+    return json_path, root
+
+
+def test_peak_memory_does_not_grow_with_the_captions(tmp_path):
+    """Python heap peak (tracemalloc) for 4N images stays within ~0.5 KB per extra image of
+    N's (paths and ids of the split being decoded); holding every image's captions, as
+    json.load and full caption lists do, costs about 8 KB per image here."""
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        raw_n = _many_entries(tmp_path / f"raw{n}", n)
+        tracemalloc.start()
+        try:
+            run(raw_n, tmp_path / f"out{n}", captions_per_image=5, max_len=20, image_size=4)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(8)  # warm-up: lazily imported modules and caches
+    small, large = peak(100), peak(400)
+    assert large - small < 300 * 512, (small, large)

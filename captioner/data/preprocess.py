@@ -138,7 +138,7 @@ def _sha256(file: BinaryIO) -> str:
     """sha256 of an open binary file's whole content (read from the start)."""
     digest = hashlib.sha256()
     file.seek(0)
-    for chunk in iter(lambda: file.read(1 << 20), b""):
+    for chunk in iter(lambda: file.read(1 << 16), b""):
         digest.update(chunk)
     return digest.hexdigest()
 
