@@ -303,8 +303,8 @@ class _Survey:
 
     Attributes:
         num_planned: per split, images with a caption of at most ``max_len`` tokens.
-        unusable: per split, the images without one (only ``skip_bad_images`` keeps them
-            all; otherwise only the first, for the error).
+        unusable: per split, the images without one, kept only with ``skip_bad_images``.
+        first_unusable: per split, how the error names the first of them.
     """
 
     max_len: int
