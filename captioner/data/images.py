@@ -19,6 +19,7 @@ describes where the array lives; the bytes are the plain C-order array either wa
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import deque
@@ -209,8 +210,8 @@ class ImageWriter:
         offset = _create_contiguous(h5_path, "images", (n, 3, s, s), attrs)
         failed: set[int] = set()
         target = (h5_path, os.stat(h5_path).st_ino)
-        tasks = [(i, str(p), target, offset, s, self.draft_min_ratio)
-                 for i, p in enumerate(image_paths)]
+        tasks = ((i, str(p), target, offset, s, self.draft_min_ratio)
+                 for i, p in enumerate(image_paths))  # lazily: memory flat in n
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
             for index, error in self._run(tasks):
                 bar.update()
@@ -223,15 +224,15 @@ class ImageWriter:
             _compact(h5_path, "images", kept)
         return kept
 
-    def _run(self, tasks: list[_Task]) -> Iterator[tuple[int, str | None]]:
+    def _run(self, tasks: Iterator[_Task]) -> Iterator[tuple[int, str | None]]:
         """Results in task order, with at most two blocks of tasks handed to the pool."""
         if self._pool is None:
             yield from map(_write_task, tasks)
             return
         block = CHUNKSIZE * self.num_workers * 4
         pending: deque = deque()
-        for start in range(0, len(tasks), block):
-            pending.append(self._pool.imap(_write_task, tasks[start:start + block], CHUNKSIZE))
+        while chunk := list(itertools.islice(tasks, block)):
+            pending.append(self._pool.imap(_write_task, chunk, CHUNKSIZE))
             if len(pending) == 2:
                 yield from pending.popleft()
         while pending:
