@@ -3,10 +3,17 @@
 Run ``python -m benchmarks --help``. Groups (``--only``): ``train`` (captions/s and images/s of a
 full optimisation step, frozen and fine-tuned encoder, plus ours with the real HDF5 loader in
 the loop), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with
-0/1/2 worker processes, a plain PIL loop, peak RSS for N and 2N images) and ``loader``
+0/1/2 worker processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB,
+peak RSS for a small and a large Karpathy JSON) and ``loader``
 (``CaptionH5Dataset`` + DataLoader images/s by worker count). Every number is the median of
-``--repeats`` timed runs after one warm-up run, with the min..max spread. Results are printed
+``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps),
+with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
+
+Each training row runs in a fresh interpreter after the same number of warm-up steps: the state
+an earlier row leaves in the C allocator changes the cost of a CPU step by up to 1.6x (glibc
+returns freed activation memory to the kernel and every step page-faults it back in; after a
+fine-tuned step it no longer does), so rows sharing one process depend on their order.
 
 All models use random weights (``pretrained=False``): nothing is downloaded. Random decoders
 never emit ``<end>``, so both decoders run exactly ``decode_max_len`` steps per image.
@@ -20,12 +27,14 @@ import json
 import os
 import platform
 import re
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,11 @@ from captioner.vocab import write_json_atomic
 GROUPS = ("preprocess", "loader", "train", "decode")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
+TRAIN_WARMUP_STEPS = 2  # untimed optimisation steps before every training row
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# glibc: serve every allocation from the heap and never give freed memory back, so a training
+# step stops page-faulting its activations back in (a diagnostic row, CPU only).
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,10 @@ class Sizes:
     tutorial_decode_images: int = 8  # tutorial: images decoded (one at a time) per timed run
     decode_max_len: int = 20  # steps decoded per image, both sides
     beam_size: int = 5
-    preprocess_images: int = 300  # N (the memory check also runs 2N)
+    preprocess_images: int = 300  # JPEGs timed per preprocessing run
+    fidelity_images: int = 50  # first images compared with their pre-JPEG pixels
+    memory_images: tuple[int, int] = (2_000, 20_000)  # Karpathy entries of the two peak-RSS runs
+    memory_jpegs: int = 16  # distinct small JPEG files those entries point to
     raw_width: int = 640
     raw_height: int = 480
     loader_batch: int = 32
@@ -81,7 +98,8 @@ FULL = Sizes()
 QUICK = Sizes(arch="resnet18", image_size=64, encoded_image_size=4, last_stage=3,
               batch_images=4, tutorial_batch=4, vocab_size=500, embed_dim=32, decoder_dim=32,
               attention_dim=32, decode_batch=4, decode_images=4, tutorial_decode_images=2,
-              decode_max_len=8, preprocess_images=24, raw_width=160, raw_height=120,
+              decode_max_len=8, preprocess_images=24, fidelity_images=8,
+              memory_images=(200, 2_000), memory_jpegs=4, raw_width=160, raw_height=120,
               loader_batch=4, loader_batches=4, train_loader_batches=2)
 
 
@@ -94,16 +112,31 @@ def sync(device: torch.device) -> None:
 def measure(fn: Callable[[], object], repeats: int, device: torch.device,
             warmup: int = 1) -> list[float]:
     """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    return measure_with_usage(fn, repeats, device, warmup)[0]
+
+
+def measure_with_usage(fn: Callable[[], object], repeats: int, device: torch.device,
+                       warmup: int = 1) -> tuple[list[float], dict]:
+    """:func:`measure`, plus this process's mean minor page faults and CPU seconds per timed call.
+
+    The page faults show what the allocator costs: memory handed back to the kernel after a
+    step is zero-filled again, one fault per 4 KiB page, on the next step.
+    """
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = {"minor_faults_per_run": (after.ru_minflt - before.ru_minflt) / repeats,
+             "user_s_per_run": (after.ru_utime - before.ru_utime) / repeats,
+             "sys_s_per_run": (after.ru_stime - before.ru_stime) / repeats}
+    return times, usage
 
 
 def rate(name: str, group: str, impl: str, unit: str, amount: float, times: list[float],
@@ -112,6 +145,14 @@ def rate(name: str, group: str, impl: str, unit: str, amount: float, times: list
     return {"name": name, "group": group, "impl": impl, "unit": unit,
             "value": amount / statistics.median(times), "low": amount / max(times),
             "high": amount / min(times), "runs": len(times), "times_s": times, **extra}
+
+
+def setup_device(device: torch.device) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA (what training runs with); nothing on CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device):
@@ -208,13 +249,70 @@ def build_tutorial(sizes: Sizes, device: torch.device, fine_tune: bool, dropout:
 # ---------------------------------------------------------------------------- train
 def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet | None",
                 loader_workers: int) -> list[dict]:
+    """The training rows, each in a fresh interpreter (see the module docstring).
+
+    Every row runs :data:`TRAIN_WARMUP_STEPS` untimed steps, then ``repeats`` timed runs (one
+    step each on a synthetic batch; ``train_loader_batches`` steps with the loader).
+    """
+    base = {"sizes": dataclasses.asdict(sizes), "device": str(device), "repeats": repeats}
+    specs = []
+    for fine_tune in (False, True):
+        specs += [{**base, "kind": "ours", "fine_tune": fine_tune},
+                  {**base, "kind": "tutorial", "fine_tune": fine_tune}]
+    if data is not None:
+        specs.append({**base, "kind": "loader", "fine_tune": False, "workers": loader_workers,
+                      "data": {"folder": str(data.folder), "name": data.name,
+                               "vocab_size": data.vocab_size, "special_ids": data.special_ids}})
+    rows = [isolated_train_row(spec) for spec in specs]
+    if device.type == "cpu" and platform.libc_ver()[0] == "glibc":
+        row = isolated_train_row({**base, "kind": "ours", "fine_tune": False},
+                                 env=KEEP_FREED_MEMORY_ENV)
+        row["name"] = "train frozen encoder, glibc keeps freed memory"
+        row["env"] = KEEP_FREED_MEMORY_ENV
+        rows.append(row)
+    return rows
+
+
+_TRAIN_CHILD = """
+import json, sys
+from benchmarks.run import train_row
+print("BENCH_ROW " + json.dumps(train_row(json.loads(sys.argv[1]))), flush=True)
+"""
+
+
+def isolated_train_row(spec: dict, env: dict[str, str] | None = None) -> dict:
+    """:func:`train_row` in a fresh interpreter (with ``env`` added to the environment)."""
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, json.dumps(spec)], cwd=REPO_ROOT,
+                          env=child_env, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_ROW ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"training benchmark child failed ({spec['kind']}, fine_tune="
+                           f"{spec['fine_tune']}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("BENCH_ROW "):])
+
+
+def train_row(spec: dict) -> dict:
+    """One training row in this process; ``spec`` as built by :func:`bench_train`."""
+    sizes = Sizes(**{**spec["sizes"], "memory_images": tuple(spec["sizes"]["memory_images"])})
+    device = torch.device(spec["device"])
+    setup_device(device)
+    torch.manual_seed(0)
+    if spec["kind"] == "loader":
+        data = spec["data"]
+        return bench_train_with_loader(sizes, device, spec["repeats"],
+                                       DataSet(Path(data["folder"]), data["name"],
+                                               data["vocab_size"], data["special_ids"]),
+                                       spec["workers"])
     rng = np.random.default_rng(0)
     ids = special_ids(sizes)
-    b, k, s = sizes.batch_images, sizes.captions_per_image, sizes.image_size
-    rows = []
-    for fine_tune in (False, True):
-        label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
-        # Ours: B images x k captions, uint8 images as the loader delivers them.
+    s, fine_tune = sizes.image_size, spec["fine_tune"]
+    label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
+    if spec["kind"] == "ours":
+        # B images x k captions, uint8 images as the loader delivers them.
+        b, k = sizes.batch_images, sizes.captions_per_image
         captions, lengths = synthetic_captions(rng, b * k, sizes, ids["pad_id"], ids["start_id"],
                                                ids["end_id"])
         batch = {"images": torch.from_numpy(rng.integers(0, 256, (b, 3, s, s), dtype=np.uint8)),
@@ -225,39 +323,45 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         module, optimizer = build_ours(sizes, device, fine_tune)
         step = ours_train_step(module, optimizer, device)
         cuda_peak_reset(device)
-        times = measure(lambda: step(batch), repeats, device)
-        peak = cuda_peak_mib(device)
-        rows.append(rate(f"train {label}", "train", "ours", "captions/s", b * k, times,
-                         images_per_s=b / statistics.median(times), batch=f"{b} images x {k} captions",
-                         **peak))
-        del module, optimizer, step, batch
+        times, usage = measure_with_usage(lambda: step(batch), repeats=spec["repeats"],
+                                          device=device, warmup=TRAIN_WARMUP_STEPS)
+        return rate(f"train {label}", "train", "ours", "captions/s", b * k, times,
+                    images_per_s=b / statistics.median(times), batch=f"{b} images x {k} captions",
+                    warmup_steps=TRAIN_WARMUP_STEPS, **per_step(usage, 1),
+                    **cuda_peak_mib(device))
 
-        # Tutorial: N caption rows, each with its own float image normalised on the CPU.
-        n = sizes.tutorial_batch
-        images = rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8)
-        captions, lengths = synthetic_captions(rng, n, sizes, ids["pad_id"], ids["start_id"],
-                                               ids["end_id"])
-        dataset = tut.TutorialCaptionDataset(images, captions, lengths, captions_per_image=1)
-        imgs, caps, caplens = torch.utils.data.default_collate([dataset[i] for i in range(n)])
-        if device.type == "cuda":
-            imgs, caps, caplens = imgs.pin_memory(), caps.pin_memory(), caplens.pin_memory()
-        encoder, decoder, trainer = build_tutorial(sizes, device, fine_tune)
-        cuda_peak_reset(device)
-        times = measure(lambda: trainer.step(imgs, caps, caplens), repeats, device)
-        peak = cuda_peak_mib(device)
-        rows.append(rate(f"train {label}", "train", "tutorial", "captions/s", n, times,
-                         images_per_s=n / statistics.median(times),
-                         batch=f"{n} captions (one image each)", **peak))
-        del encoder, decoder, trainer
+    # Tutorial: N caption rows, each with its own float image normalised on the CPU.
+    n = sizes.tutorial_batch
+    images = rng.integers(0, 256, (n, 3, s, s), dtype=np.uint8)
+    captions, lengths = synthetic_captions(rng, n, sizes, ids["pad_id"], ids["start_id"],
+                                           ids["end_id"])
+    dataset = tut.TutorialCaptionDataset(images, captions, lengths, captions_per_image=1)
+    imgs, caps, caplens = torch.utils.data.default_collate([dataset[i] for i in range(n)])
+    if device.type == "cuda":
+        imgs, caps, caplens = imgs.pin_memory(), caps.pin_memory(), caplens.pin_memory()
+    encoder, decoder, trainer = build_tutorial(sizes, device, fine_tune)
+    cuda_peak_reset(device)
+    times, usage = measure_with_usage(lambda: trainer.step(imgs, caps, caplens),
+                                      repeats=spec["repeats"], device=device,
+                                      warmup=TRAIN_WARMUP_STEPS)
+    return rate(f"train {label}", "train", "tutorial", "captions/s", n, times,
+                images_per_s=n / statistics.median(times), batch=f"{n} captions (one image each)",
+                warmup_steps=TRAIN_WARMUP_STEPS, **per_step(usage, 1),
+                    **cuda_peak_mib(device))
 
-    if data is not None:
-        rows.append(bench_train_with_loader(sizes, device, repeats, data, loader_workers))
-    return rows
+
+def per_step(usage: dict, steps: int) -> dict:
+    """:func:`measure_with_usage`'s per-run usage divided over ``steps`` optimisation steps."""
+    return {key.replace("_per_run", "_per_step"): value / steps for key, value in usage.items()}
 
 
 def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet",
                             workers: int) -> dict:
-    """Ours, frozen encoder, fed by CaptionH5Dataset + DataLoader (the real input pipeline)."""
+    """Ours, frozen encoder, fed by CaptionH5Dataset + DataLoader (the real input pipeline).
+
+    The same model, step and warm-up as the synthetic ``train frozen encoder`` row; the only
+    difference is where the batches come from (a new one from the loader every step).
+    """
     from captioner.data.dataset import CaptionH5Dataset
 
     dataset = CaptionH5Dataset(data.folder, data.name, "train",
@@ -268,18 +372,21 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     step = ours_train_step(module, optimizer, device)
     batches = endless_batches(dataset, sizes.batch_images, workers, device)
     n = sizes.train_loader_batches
+    for _ in range(TRAIN_WARMUP_STEPS):
+        step(next(batches))
 
     def run() -> None:
         for _ in range(n):
             step(next(batches))
 
     cuda_peak_reset(device)
-    times = measure(run, repeats, device)
+    times, usage = measure_with_usage(run, repeats, device, warmup=0)
     per_s = n * sizes.batch_images / statistics.median(times)
     return rate("train frozen encoder + HDF5 loader", "train", "ours", "images/s",
                 n * sizes.batch_images, times, loader_workers=workers,
                 coco_epoch_min=COCO_TRAIN_IMAGES / per_s / 60.0,
-                captions_per_s=per_s * sizes.captions_per_image, **cuda_peak_mib(device))
+                captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
+                warmup_steps=TRAIN_WARMUP_STEPS, **per_step(usage, n), **cuda_peak_mib(device))
 
 
 def endless_batches(dataset, batch_size: int, workers: int, device: torch.device) -> Iterator[dict]:
@@ -354,39 +461,87 @@ class DataSet:
     special_ids: dict[str, int]
 
 
+CAPTION_VOCAB = [f"w{i}" for i in range(2000)]
+
+
+def draw_jpeg(rng: np.random.Generator, width: int, height: int, path: Path) -> np.ndarray:
+    """Write a COCO-like JPEG (smooth noise + grain, quality 90); returns its pre-JPEG pixels.
+
+    Returns:
+        (height, width, 3) uint8, the pixels before JPEG compression.
+    """
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (max(2, height // 24), max(2, width // 24), 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    grain = rng.integers(-12, 13, (height, width, 3))
+    pixels = (np.asarray(img, dtype=np.int16) + grain).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return pixels
+
+
+def karpathy_entry(rng: np.random.Generator, sizes: Sizes, index: int, filename: str) -> dict:
+    """One Karpathy image entry: 5 Zipf-distributed captions, split 80/10/10 by ``index``."""
+    zipf = 1.0 / np.arange(1, len(CAPTION_VOCAB) + 1)
+    zipf /= zipf.sum()
+    sentences = []
+    for length in sample_lengths(rng, 5, sizes) - 2:
+        tokens = [CAPTION_VOCAB[j] for j in rng.choice(len(CAPTION_VOCAB), length, p=zipf)]
+        sentences.append({"tokens": tokens, "raw": " ".join(tokens)})
+    split = "val" if index % 10 == 8 else "test" if index % 10 == 9 else "train"
+    return {"filepath": "images", "filename": filename, "split": split, "sentences": sentences,
+            "imgid": index, "cocoid": index}
+
+
 def write_raw_dataset(folder: Path, num_images: int, sizes: Sizes, seed: int = 0) -> dict:
     """COCO-like JPEGs (smooth noise, ~640x480, both orientations) and a Karpathy JSON.
 
     Returns:
-        ``{"json": path, "images": folder, "mean_jpeg_kib": float}``.
+        ``{"json": path, "images": folder, "mean_jpeg_kib": float, "originals": {filename:
+        (H, W, 3) uint8}}``, the pre-JPEG pixels of the first ``sizes.fidelity_images`` files.
     """
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    vocab = [f"w{i}" for i in range(2000)]
-    zipf = 1.0 / np.arange(1, len(vocab) + 1)
-    zipf /= zipf.sum()
-    entries, total_bytes = [], 0
+    entries, total_bytes, originals = [], 0, {}
     for i in range(num_images):
         w, h = (sizes.raw_width, sizes.raw_height) if i % 4 else (sizes.raw_height, sizes.raw_width)
-        coarse = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
-        img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
-        pixels = np.asarray(img, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3))
         path = image_dir / f"img_{i:06d}.jpg"
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        pixels = draw_jpeg(rng, w, h, path)
+        if i < sizes.fidelity_images:
+            originals[path.name] = pixels
         total_bytes += path.stat().st_size
-        split = "val" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
-        sentences = []
-        for length in sample_lengths(rng, 5, sizes) - 2:
-            tokens = [vocab[j] for j in rng.choice(len(vocab), length, p=zipf)]
-            sentences.append({"tokens": tokens, "raw": " ".join(tokens)})
-        entries.append({"filepath": "images", "filename": path.name, "split": split,
-                        "sentences": sentences, "imgid": i, "cocoid": i})
+        entries.append(karpathy_entry(rng, sizes, i, path.name))
     json_path = folder / "dataset_bench.json"
     write_json_atomic(json_path, {"dataset": "bench", "images": entries})
-    return {"json": str(json_path), "images": str(folder), "mean_jpeg_kib": total_bytes / num_images / 1024}
+    return {"json": str(json_path), "images": str(folder),
+            "mean_jpeg_kib": total_bytes / num_images / 1024, "originals": originals}
+
+
+def write_memory_dataset(folder: Path, counts: Sequence[int], sizes: Sizes,
+                         seed: int = 1) -> dict[int, str]:
+    """Karpathy JSONs of ``counts`` entries over ``sizes.memory_jpegs`` small JPEG files.
+
+    Every entry has its own ``cocoid``/``imgid`` and captions but reuses one of a few small
+    (S x 3S/4) files, so the metadata grows with the count while decoding stays cheap.
+
+    Returns:
+        ``{count: Karpathy JSON path}``; the image folder is ``folder``.
+    """
+    rng = np.random.default_rng(seed)
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(sizes.memory_jpegs):
+        path = image_dir / f"small_{i:03d}.jpg"
+        draw_jpeg(rng, sizes.image_size, max(2, sizes.image_size * 3 // 4), path)
+        names.append(path.name)
+    entries = [karpathy_entry(rng, sizes, i, names[i % len(names)]) for i in range(max(counts))]
+    paths = {}
+    for count in counts:
+        paths[count] = str(folder / f"dataset_memory_{count}.json")
+        write_json_atomic(paths[count], {"dataset": "memory", "images": entries[:count]})
+    return paths
 
 
 # One preprocessing run in a fresh interpreter: its ru_maxrss is then this run's alone, and
@@ -410,10 +565,11 @@ if args["mode"] == "plain":
             data[i] = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     count = len(entries)
 else:
+    draft = {"draft_min_ratio": args["draft_min_ratio"]} if "draft_min_ratio" in args else {}
     result = create_input_files("bench", args["json"], args["images"], captions_per_image=5,
                                 min_word_freq=1, output_folder=args["out"], max_len=args["max_len"],
                                 image_size=args["image_size"], num_workers=args["workers"],
-                                overwrite=True, progress=False)
+                                overwrite=True, progress=False, **draft)
     count = sum(result.num_images.values())
 seconds = time.perf_counter() - start
 # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork + exec.
@@ -438,71 +594,139 @@ def preprocess_child(args: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def raw_dataset_json(raw: dict, folder: Path, limit: int) -> str:
-    """A Karpathy JSON with the first ``limit`` images of ``raw``'s JSON."""
-    with open(raw["json"]) as f:
-        data = json.load(f)
-    data["images"] = data["images"][:limit]
-    path = folder / f"dataset_bench_{limit}.json"
-    write_json_atomic(path, data)
-    return str(path)
+BENCH_NAME = "bench_5_cap_per_img_1_min_word_freq"
+PREPROCESS_CONFIGS = [  # (row name, impl, child arguments)
+    ("preprocess plain PIL (full decode, resize)", "baseline", {"mode": "plain", "workers": None}),
+    ("preprocess create_input_files num_workers=0", "ours", {"mode": "ours", "workers": 0}),
+    ("preprocess create_input_files num_workers=1", "ours", {"mode": "ours", "workers": 1}),
+    ("preprocess create_input_files num_workers=2", "ours", {"mode": "ours", "workers": 2}),
+    ("preprocess create_input_files num_workers=1 draft_min_ratio=None (full decode)", "ours",
+     {"mode": "ours", "workers": 1, "draft_min_ratio": None}),
+]
 
 
 def bench_preprocess(sizes: Sizes, repeats: int, workdir: Path) -> tuple[list[dict], DataSet]:
+    """Timing rows (each run a fresh interpreter), fidelity rows and peak-RSS rows."""
     n = sizes.preprocess_images
-    raw = write_raw_dataset(workdir / "raw", 2 * n, sizes)
-    json_n = raw_dataset_json(raw, workdir, n)
-    base = {"images": raw["images"], "image_size": sizes.image_size, "max_len": sizes.max_len}
-    rows, per_run = [], {}
-    configs = [("plain", None), ("ours", 0), ("ours", 1), ("ours", 2)]
-    for mode, workers in configs:
+    raw = write_raw_dataset(workdir / "raw", n, sizes)
+    base = {"images": raw["images"], "image_size": sizes.image_size, "max_len": sizes.max_len,
+            "json": raw["json"], "limit": n}
+    rows, outputs = [], {}
+    for name, impl, config in PREPROCESS_CONFIGS:
         times = []
         for r in range(repeats):
-            out = workdir / f"prep_{mode}_{workers}_{r}"
+            out = workdir / f"prep_{len(outputs)}_{r}"
             out.mkdir(parents=True, exist_ok=True)
-            report = preprocess_child({**base, "mode": mode, "workers": workers, "json": json_n,
-                                       "out": str(out), "limit": n})
-            times.append(report["seconds"])
-        key = "plain PIL loop" if mode == "plain" else f"num_workers={workers}"
-        per_run[key] = times
-        name = ("preprocess plain PIL (full decode, resize)" if mode == "plain"
-                else f"preprocess create_input_files num_workers={workers}")
-        rows.append(rate(name, "preprocess", "ours" if mode == "ours" else "baseline", "images/s",
-                         n, times, mean_jpeg_kib=raw["mean_jpeg_kib"],
-                         raw_size=f"{sizes.raw_width}x{sizes.raw_height}"))
-    # Peak memory for N and 2N images (2 workers), each in a fresh process.
-    json_2n = raw_dataset_json(raw, workdir, 2 * n)
-    for count, json_path in ((n, json_n), (2 * n, json_2n)):
-        out = workdir / f"prep_mem_{count}"
+            times.append(preprocess_child({**base, **config, "out": str(out)})["seconds"])
+        outputs[name] = out  # the last repeat's files
+        rows.append(rate(name, "preprocess", impl, "images/s", n, times,
+                         mean_jpeg_kib=raw["mean_jpeg_kib"],
+                         raw_size=f"{sizes.raw_width}x{sizes.raw_height}",
+                         **({"draft_min_ratio": config["draft_min_ratio"]}
+                            if "draft_min_ratio" in config else {})))
+    rows += fidelity_rows(outputs["preprocess create_input_files num_workers=1"],
+                          outputs[PREPROCESS_CONFIGS[-1][0]], raw["originals"], sizes.image_size)
+    rows += memory_rows(sizes, workdir)
+    return rows, load_dataset(outputs["preprocess create_input_files num_workers=2"])
+
+
+def load_dataset(folder: Path) -> DataSet:
+    from captioner.vocab import WordMap
+
+    word_map = WordMap.load(folder / f"WORDMAP_{BENCH_NAME}.json")
+    return DataSet(folder, BENCH_NAME, len(word_map), word_map.special_ids)
+
+
+def images_by_filename(folder: Path, filenames: Sequence[str]) -> dict[str, np.ndarray]:
+    """The preprocessed (3, S, S) pixels of ``filenames`` from every split of ``folder``."""
+    import h5py
+
+    from captioner.data.preprocess import split_files
+
+    wanted, found = set(filenames), {}
+    for split in ("train", "val", "test"):
+        files = split_files(folder, BENCH_NAME, split)
+        with open(files.references) as f:
+            paths = json.load(f)["paths"]
+        with h5py.File(files.images, "r") as h:
+            for row, path in enumerate(paths):
+                if Path(path).name in wanted:
+                    found[Path(path).name] = h["images"][row]
+    missing = wanted - set(found)
+    if missing:
+        raise RuntimeError(f"{folder}: no preprocessed image for {sorted(missing)[:5]}")
+    return found
+
+
+def psnr_mad(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> tuple[float, float, int]:
+    """PSNR (dB, peak 255, over all pixels), mean and max absolute difference of two image lists."""
+    diff = np.concatenate([(x.astype(np.float64) - y.astype(np.float64)).ravel()
+                           for x, y in zip(a, b)])
+    mse = float(np.mean(diff ** 2))
+    psnr = float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+    return psnr, float(np.mean(np.abs(diff))), int(np.max(np.abs(diff)))
+
+
+def fidelity_rows(draft_out: Path, full_out: Path, originals: dict[str, np.ndarray],
+                  image_size: int) -> list[dict]:
+    """Draft-mode error next to the error JPEG quality 90 already adds, in dB (higher = closer).
+
+    ``draft`` and ``full`` are what ``create_input_files`` wrote with the default
+    ``draft_min_ratio`` and with ``None``; ``pre-JPEG`` is the same resize
+    (:func:`captioner.data.images.resize`) applied to the pixels before JPEG compression.
+    """
+    from captioner.data.images import resize
+
+    names = sorted(originals)
+    draft = images_by_filename(draft_out, names)
+    full = images_by_filename(full_out, names)
+    reference = {name: resize(originals[name], image_size) for name in names}
+    rows = []
+    for label, a, b in (("draft (default) vs full decode", draft, full),
+                        ("full decode vs resized pre-JPEG pixels (JPEG q90 error)", full, reference),
+                        ("draft (default) vs resized pre-JPEG pixels", draft, reference)):
+        psnr, mad, max_abs = psnr_mad([a[k] for k in names], [b[k] for k in names])
+        rows.append({"name": f"fidelity {label}", "group": "preprocess", "impl": "ours",
+                     "unit": "dB PSNR", "value": psnr, "mean_abs_diff": mad, "max_abs_diff": max_abs,
+                     "images": len(names)})
+    return rows
+
+
+def memory_rows(sizes: Sizes, workdir: Path) -> list[dict]:
+    """Peak RSS of ``create_input_files`` (2 workers) for a small and a large Karpathy JSON."""
+    folder = workdir / "raw_memory"
+    jsons = write_memory_dataset(folder, sizes.memory_images, sizes)
+    rows = []
+    for count, json_path in jsons.items():
+        out = workdir / f"prep_memory_{count}"
         out.mkdir(parents=True, exist_ok=True)
-        report = preprocess_child({**base, "mode": "ours", "workers": 2, "json": json_path,
-                                   "out": str(out), "limit": count})
+        report = preprocess_child({"mode": "ours", "workers": 2, "json": json_path,
+                                   "images": str(folder), "image_size": sizes.image_size,
+                                   "max_len": sizes.max_len, "out": str(out), "limit": count})
+        shutil.rmtree(out)  # 20,000 images at S = 256 are 3.7 GiB
         rows.append({"name": f"preprocess peak RSS, {count} images (num_workers=2)",
                      "group": "preprocess", "impl": "ours", "unit": "MiB",
                      "value": report["self_max_rss_kib"] / 1024,
                      "largest_worker_mib": report["largest_child_max_rss_kib"] / 1024,
-                     "images": count})
-    wm_path = out / "WORDMAP_bench_5_cap_per_img_1_min_word_freq.json"
-    from captioner.vocab import WordMap
-
-    word_map = WordMap.load(wm_path)
-    data = DataSet(out, "bench_5_cap_per_img_1_min_word_freq", len(word_map), word_map.special_ids)
-    return rows, data
+                     "images": count, "distinct_jpegs": sizes.memory_jpegs,
+                     "seconds": report["seconds"]})
+    small, large = rows
+    per_1000 = 1000.0 / (large["images"] - small["images"])
+    large["main_growth_mib_per_1000_images"] = (large["value"] - small["value"]) * per_1000
+    large["worker_growth_mib_per_1000_images"] = (
+        large["largest_worker_mib"] - small["largest_worker_mib"]) * per_1000
+    return rows
 
 
 def prepare_only(sizes: Sizes, workdir: Path) -> DataSet:
-    """The 2N-image HDF5 dataset without timing (for --only loader/train)."""
-    n = 2 * sizes.preprocess_images
+    """The benchmark HDF5 dataset without timing (for --only loader/train)."""
+    n = sizes.preprocess_images
     raw = write_raw_dataset(workdir / "raw", n, sizes)
-    out = workdir / f"prep_mem_{n}"
+    out = workdir / "prep_data"
     preprocess_child({"images": raw["images"], "image_size": sizes.image_size,
                       "max_len": sizes.max_len, "mode": "ours", "workers": 2, "json": raw["json"],
                       "out": str(out), "limit": n})
-    from captioner.vocab import WordMap
-
-    name = "bench_5_cap_per_img_1_min_word_freq"
-    word_map = WordMap.load(out / f"WORDMAP_{name}.json")
-    return DataSet(out, name, len(word_map), word_map.special_ids)
+    return load_dataset(out)
 
 
 # ---------------------------------------------------------------------------- loader
@@ -591,20 +815,28 @@ def check_equivalence(seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------- ratios, table
-TARGETS = [  # (label, numerator (name, impl), denominator (name, impl), target)
+PREP = "preprocess create_input_files num_workers="
+TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, field])
     ("train frozen: ours / tutorial captions/s", ("train frozen encoder", "ours"),
      ("train frozen encoder", "tutorial"), ">= 4x (CPU)"),
     ("train fine-tuned: ours / tutorial captions/s", ("train fine-tuned encoder (blocks 2-4)", "ours"),
      ("train fine-tuned encoder (blocks 2-4)", "tutorial"), "(report)"),
+    ("train frozen: + HDF5 loader / synthetic batch images/s",
+     ("train frozen encoder + HDF5 loader", "ours"),
+     ("train frozen encoder", "ours", "images_per_s"), "(report; ~1: loader not the bottleneck)"),
+    ("train frozen: glibc keeps freed memory / default",
+     ("train frozen encoder, glibc keeps freed memory", "ours"), ("train frozen encoder", "ours"),
+     "(report; CPU page-fault cost)"),
     ("decode beam-5: ours / tutorial images/s", ("decode beam-5 (test)", "ours"),
      ("decode beam-5 (test)", "tutorial"), ">= 3x CPU, >= 30x GPU"),
-    ("preprocess: 2 / 1 worker processes", ("preprocess create_input_files num_workers=2", "ours"),
-     ("preprocess create_input_files num_workers=1", "ours"), ">= 1.7x"),
-    ("preprocess: 2 workers / in-process", ("preprocess create_input_files num_workers=2", "ours"),
-     ("preprocess create_input_files num_workers=0", "ours"), "(report)"),
-    ("preprocess per process: in-process / plain PIL",
-     ("preprocess create_input_files num_workers=0", "ours"),
+    ("preprocess: 2 / 1 worker processes", (f"{PREP}2", "ours"), (f"{PREP}1", "ours"), ">= 1.7x"),
+    ("preprocess per process: 1 worker / plain PIL", (f"{PREP}1", "ours"),
      ("preprocess plain PIL (full decode, resize)", "baseline"), ">= 2x"),
+    ("preprocess draft gain: 1 worker default / full decode", (f"{PREP}1", "ours"),
+     (f"{PREP}1 draft_min_ratio=None (full decode)", "ours"), "(report)"),
+    ("preprocess: in-process / plain PIL", (f"{PREP}0", "ours"),
+     ("preprocess plain PIL (full decode, resize)", "baseline"), "(report)"),
+    ("preprocess: 2 workers / in-process", (f"{PREP}2", "ours"), (f"{PREP}0", "ours"), "(report)"),
 ]
 
 
@@ -612,30 +844,44 @@ def ratios(rows: list[dict]) -> list[dict]:
     by_key = {(r["name"], r["impl"]): r for r in rows}
     out = []
     for label, num, den, target in TARGETS:
-        if num in by_key and den in by_key:
-            out.append({"ratio": label, "value": by_key[num]["value"] / by_key[den]["value"],
-                        "target": target})
+        if num[:2] in by_key and den[:2] in by_key:
+            value = (by_key[num[:2]][num[2] if len(num) > 2 else "value"]
+                     / by_key[den[:2]][den[2] if len(den) > 2 else "value"])
+            out.append({"ratio": label, "value": value, "target": target})
     for r in rows:
         if "coco_epoch_min" in r:
             out.append({"ratio": "COCO epoch (113k images x 5 captions), frozen encoder, minutes",
                         "value": r["coco_epoch_min"], "target": "<= 3 min on one H100"})
+        if "main_growth_mib_per_1000_images" in r:
+            out += [{"ratio": "preprocess peak RSS growth per 1,000 images, main MiB",
+                     "value": r["main_growth_mib_per_1000_images"],
+                     "target": "(report; ~0: metadata streams)"},
+                    {"ratio": "preprocess peak RSS growth per 1,000 images, worker MiB",
+                     "value": r["worker_growth_mib_per_1000_images"], "target": "(report)"}]
     return out
 
 
 def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
-    lines = [f"{'benchmark':58} {'impl':9} {'median':>10} {'spread (min..max)':>22}  unit",
-             "-" * 110]
+    width = max([58] + [len(r["name"]) for r in rows] + [len(r["ratio"]) for r in ratio_rows])
+    lines = [f"{'benchmark':{width}} {'impl':9} {'median':>10} {'spread (min..max)':>22}  unit",
+             "-" * (width + 52)]
     for r in rows:
         spread = f"{r['low']:.3g}..{r['high']:.3g}" if "low" in r else ""
         extra = ""
+        if "minor_faults_per_step" in r and r.get("cuda_max_memory_allocated_mib") is None:
+            extra = (f"  {r['minor_faults_per_step'] / 1e3:.3g}k page faults, "
+                     f"{r['sys_s_per_step']:.2f} s sys per step")
         if "cuda_max_memory_allocated_mib" in r:
             extra = f"  peak {r['cuda_max_memory_allocated_mib']:.0f} MiB"
         if "largest_worker_mib" in r:
             extra = f"  largest worker {r['largest_worker_mib']:.0f} MiB"
-        lines.append(f"{r['name']:58} {r['impl']:9} {r['value']:10.4g} {spread:>22}  {r['unit']}{extra}")
+        if "mean_abs_diff" in r:
+            extra = f"  mean |diff| {r['mean_abs_diff']:.3g}, max {r['max_abs_diff']} grey levels"
+        lines.append(f"{r['name']:{width}} {r['impl']:9} {r['value']:10.4g} {spread:>22}  "
+                     f"{r['unit']}{extra}")
     if ratio_rows:
-        lines += ["", f"{'ratio':58} {'value':>10}  target", "-" * 90]
-        lines += [f"{r['ratio']:58} {r['value']:10.3g}  {r['target']}" for r in ratio_rows]
+        lines += ["", f"{'ratio':{width}} {'value':>10}  target", "-" * (width + 32)]
+        lines += [f"{r['ratio']:{width}} {r['value']:10.3g}  {r['target']}" for r in ratio_rows]
     return "\n".join(lines)
 
 
@@ -677,10 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_device(device)
     sizes = QUICK if args.quick else FULL
     workers_list = ([int(w) for w in args.loader_workers.split(",")] if args.loader_workers
                     else [0, 1, 2] if device.type == "cpu" else [0, 4, 8])
