@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-shot GPU benchmark (the prepared device check). Assumes the package is pip-installed
 # (pip install -e .) and a CUDA GPU is visible. Writes the JSON and the log to $OUT when set,
-# else to benchmarks/results/. Full sizes, 3 repeats; about 5-8 minutes on one H100.
+# else to benchmarks/results/. Full sizes, 3 repeats; about 5-8 minutes on one H100 (each training
+# row starts its own interpreter; the peak-RSS rows write ~4 GiB of HDF5 under the temp folder,
+# removed as they go). Skip the preprocessing rows with: bash benchmarks/gpu.sh --only loader,train,decode
 # Usage: bash benchmarks/gpu.sh [extra args for python -m benchmarks]
 set -euo pipefail
 cd "$(dirname "$0")/.."
