@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.allocator import keep_freed_memory
 from captioner.callbacks import ExactResume, ImageRateProgressBar
 from captioner.lit_module import CaptioningModule
 from captioner.vocab import WordMap, write_json_atomic
@@ -197,6 +198,22 @@ def log_batch_summary(batch: dict[str, int], model: CaptioningModule) -> None:
         f"Learning rates are not scaled with the batch ({lrs}).")
 
 
+def configure_allocator(setting: str | bool, trainer: L.Trainer) -> bool:
+    """Apply ``keep_freed_memory`` (``auto`` | true | false); True if it is now in effect.
+
+    ``auto`` turns it on when the Trainer's device is the CPU (see :mod:`captioner.allocator`).
+    Called before fitting, so the DataLoader workers forked later inherit it.
+    """
+    if setting == "auto":
+        setting = trainer.strategy.root_device.type == "cpu"
+    if not isinstance(setting, bool):
+        raise ValueError(f"keep_freed_memory must be auto, true or false, got {setting!r}")
+    if setting and keep_freed_memory():
+        log.info("glibc malloc keeps freed memory between steps (keep_freed_memory)")
+        return True
+    return False
+
+
 # ---------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
@@ -224,6 +241,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     callbacks.append(ExactResume(cfg.seed))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
     batch = batch_summary(trainer, datamodule)
     log_batch_summary(batch, model)
     ckpt_path = cfg.get("ckpt_path")
@@ -323,6 +341,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                                                   word_map=datamodule.word_map, test_search=search)
     bars = [ImageRateProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=bars, _convert_="all")
+    configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
     datamodule.setup("test" if cfg.split == "test" else "validate")
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
     started = time.perf_counter()
