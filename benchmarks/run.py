@@ -10,10 +10,13 @@ peak RSS for a small and a large Karpathy JSON) and ``loader``
 with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
 
-Each training row runs in a fresh interpreter after the same number of warm-up steps: the state
-an earlier row leaves in the C allocator changes the cost of a CPU step by up to 1.6x (glibc
-returns freed activation memory to the kernel and every step page-faults it back in; after a
-fine-tuned step it no longer does), so rows sharing one process depend on their order.
+Each training and decoding row runs in a fresh interpreter after the same warm-up: the state an
+earlier row leaves in the C allocator changes the cost of a CPU step by up to 2x (glibc returns
+freed activation memory to the kernel and every step page-faults it back in; after a fine-tuned
+step it no longer does), so rows sharing one process would depend on their order. On CPU with
+glibc every training and decoding row is measured twice, on both sides: with the default malloc
+settings and with ``captioner.allocator.keep_freed_memory`` (row names end in
+``, keep_freed_memory``), which train.py and evaluate.py turn on for CPU runs.
 
 All models use random weights (``pretrained=False``): nothing is downloaded. Random decoders
 never emit ``<end>``, so both decoders run exactly ``decode_max_len`` steps per image.
@@ -55,9 +58,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 TRAIN_WARMUP_STEPS = 2  # untimed optimisation steps before every training row
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# glibc: serve every allocation from the heap and never give freed memory back, so a training
-# step stops page-faulting its activations back in (a diagnostic row, CPU only).
-KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+# Rows measured with glibc malloc keeping freed memory (captioner.allocator.keep_freed_memory,
+# what train.py and evaluate.py turn on for CPU runs) get this suffix.
+KEEP = ", keep_freed_memory"
 
 
 @dataclass(frozen=True)
@@ -263,35 +266,48 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         specs.append({**base, "kind": "loader", "fine_tune": False, "workers": loader_workers,
                       "data": {"folder": str(data.folder), "name": data.name,
                                "vocab_size": data.vocab_size, "special_ids": data.special_ids}})
-    rows = [isolated_train_row(spec) for spec in specs]
-    if device.type == "cpu" and platform.libc_ver()[0] == "glibc":
-        row = isolated_train_row({**base, "kind": "ours", "fine_tune": False},
-                                 env=KEEP_FREED_MEMORY_ENV)
-        row["name"] = "train frozen encoder, glibc keeps freed memory"
-        row["env"] = KEEP_FREED_MEMORY_ENV
-        rows.append(row)
-    return rows
+    if keep_applies(device):
+        specs += [{**spec, "keep_freed_memory": True} for spec in specs]
+    return [isolated_row(spec) for spec in specs]
 
 
-_TRAIN_CHILD = """
+def keep_applies(device: torch.device) -> bool:
+    """Whether the ``keep_freed_memory`` rows are measured (CPU runs on glibc)."""
+    return device.type == "cpu" and platform.libc_ver()[0] == "glibc"
+
+
+_ROW_CHILD = """
 import json, sys
-from benchmarks.run import train_row
-print("BENCH_ROW " + json.dumps(train_row(json.loads(sys.argv[1]))), flush=True)
+spec = json.loads(sys.argv[1])
+if spec.get("keep_freed_memory"):  # before torch allocates anything
+    from captioner.allocator import keep_freed_memory
+    assert keep_freed_memory(), "glibc malloc options could not be set"
+from benchmarks.run import decode_rows, train_row
+rows = decode_rows(spec) if spec["kind"] == "decode" else [train_row(spec)]
+for row in rows:
+    if spec.get("keep_freed_memory"):
+        row["name"] += ", keep_freed_memory"
+        row["malloc"] = "keep_freed_memory"
+    print("BENCH_ROW " + json.dumps(row), flush=True)
 """
 
 
-def isolated_train_row(spec: dict, env: dict[str, str] | None = None) -> dict:
-    """:func:`train_row` in a fresh interpreter (with ``env`` added to the environment)."""
-    child_env = {**os.environ, **(env or {})}
+def isolated_row(spec: dict) -> list[dict] | dict:
+    """Training or decoding rows of ``spec`` in a fresh interpreter (see the module docstring).
+
+    Returns the one training row, or the list of decoding rows (``kind == "decode"``).
+    """
+    child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, json.dumps(spec)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-c", _ROW_CHILD, json.dumps(spec)], cwd=REPO_ROOT,
                           env=child_env, capture_output=True, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_ROW ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"training benchmark child failed ({spec['kind']}, fine_tune="
-                           f"{spec['fine_tune']}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("BENCH_ROW "):])
+    rows = [json.loads(line[len("BENCH_ROW "):]) for line in proc.stdout.splitlines()
+            if line.startswith("BENCH_ROW ")]
+    if proc.returncode != 0 or not rows:
+        raise RuntimeError(f"benchmark child failed ({spec['kind']}, fine_tune="
+                           f"{spec.get('fine_tune')}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return rows if spec["kind"] == "decode" else rows[0]
 
 
 def train_row(spec: dict) -> dict:
@@ -407,6 +423,19 @@ def endless_batches(dataset, batch_size: int, workers: int, device: torch.device
 
 # ---------------------------------------------------------------------------- decode
 def bench_decode(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]:
+    """Decoding rows, in fresh interpreters (both malloc settings on CPU/glibc)."""
+    spec = {"kind": "decode", "sizes": dataclasses.asdict(sizes), "device": str(device),
+            "repeats": repeats}
+    specs = [spec] + ([{**spec, "keep_freed_memory": True}] if keep_applies(device) else [])
+    return [row for s in specs for row in isolated_row(s)]
+
+
+def decode_rows(spec: dict) -> list[dict]:
+    """The decoding rows in this process; ``spec`` as built by :func:`bench_decode`."""
+    sizes = Sizes(**{**spec["sizes"], "memory_images": tuple(spec["sizes"]["memory_images"])})
+    device, repeats = torch.device(spec["device"]), spec["repeats"]
+    setup_device(device)
+    torch.manual_seed(0)
     rng = np.random.default_rng(1)
     s, steps = sizes.image_size, sizes.decode_max_len
     ids = special_ids(sizes)
@@ -817,18 +846,38 @@ def check_equivalence(seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------- ratios, table
 PREP = "preprocess create_input_files num_workers="
 TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, field])
-    ("train frozen: ours / tutorial captions/s", ("train frozen encoder", "ours"),
-     ("train frozen encoder", "tutorial"), ">= 4x (CPU)"),
-    ("train fine-tuned: ours / tutorial captions/s", ("train fine-tuned encoder (blocks 2-4)", "ours"),
+    # Like for like: both sides with the same malloc setting. Ours as train.py/evaluate.py
+    # run it on the CPU is the keep_freed_memory row.
+    ("train frozen: ours / tutorial captions/s, keep_freed_memory (both)",
+     ("train frozen encoder" + KEEP, "ours"), ("train frozen encoder" + KEEP, "tutorial"),
+     ">= 4x (CPU)"),
+    ("train frozen: ours / tutorial captions/s, default malloc (both)",
+     ("train frozen encoder", "ours"), ("train frozen encoder", "tutorial"), ">= 4x (CPU)"),
+    ("train fine-tuned: ours / tutorial captions/s, keep_freed_memory (both)",
+     ("train fine-tuned encoder (blocks 2-4)" + KEEP, "ours"),
+     ("train fine-tuned encoder (blocks 2-4)" + KEEP, "tutorial"), "(report)"),
+    ("train fine-tuned: ours / tutorial captions/s, default malloc (both)",
+     ("train fine-tuned encoder (blocks 2-4)", "ours"),
      ("train fine-tuned encoder (blocks 2-4)", "tutorial"), "(report)"),
-    ("train frozen: + HDF5 loader / synthetic batch images/s",
+    ("train frozen: + HDF5 loader / synthetic batch images/s, keep_freed_memory",
+     ("train frozen encoder + HDF5 loader" + KEEP, "ours"),
+     ("train frozen encoder" + KEEP, "ours", "images_per_s"),
+     "(report; ~1: loader not the bottleneck)"),
+    ("train frozen: + HDF5 loader / synthetic batch images/s, default malloc",
      ("train frozen encoder + HDF5 loader", "ours"),
-     ("train frozen encoder", "ours", "images_per_s"), "(report; ~1: loader not the bottleneck)"),
-    ("train frozen: glibc keeps freed memory / default",
-     ("train frozen encoder, glibc keeps freed memory", "ours"), ("train frozen encoder", "ours"),
+     ("train frozen encoder", "ours", "images_per_s"), "(report)"),
+    ("train frozen, ours: keep_freed_memory / default malloc",
+     ("train frozen encoder" + KEEP, "ours"), ("train frozen encoder", "ours"),
      "(report; CPU page-fault cost)"),
-    ("decode beam-5: ours / tutorial images/s", ("decode beam-5 (test)", "ours"),
-     ("decode beam-5 (test)", "tutorial"), ">= 3x CPU, >= 30x GPU"),
+    ("train frozen, tutorial: keep_freed_memory / default malloc",
+     ("train frozen encoder" + KEEP, "tutorial"), ("train frozen encoder", "tutorial"),
+     "(report)"),
+    ("decode beam-5: ours / tutorial images/s, keep_freed_memory (both)",
+     ("decode beam-5 (test)" + KEEP, "ours"), ("decode beam-5 (test)" + KEEP, "tutorial"),
+     ">= 3x CPU"),
+    ("decode beam-5: ours / tutorial images/s" + " (default malloc on CPU)",
+     ("decode beam-5 (test)", "ours"), ("decode beam-5 (test)", "tutorial"),
+     ">= 3x CPU, >= 30x GPU"),
     ("preprocess: 2 / 1 worker processes", (f"{PREP}2", "ours"), (f"{PREP}1", "ours"), ">= 1.7x"),
     ("preprocess per process: 1 worker / plain PIL", (f"{PREP}1", "ours"),
      ("preprocess plain PIL (full decode, resize)", "baseline"), ">= 2x"),
@@ -850,7 +899,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             out.append({"ratio": label, "value": value, "target": target})
     for r in rows:
         if "coco_epoch_min" in r:
-            out.append({"ratio": "COCO epoch (113k images x 5 captions), frozen encoder, minutes",
+            out.append({"ratio": f"COCO epoch (113k images x 5 captions), minutes, from "
+                                  f"'{r['name']}'",
                         "value": r["coco_epoch_min"], "target": "<= 3 min on one H100"})
         if "main_growth_mib_per_1000_images" in r:
             out += [{"ratio": "preprocess peak RSS growth per 1,000 images, main MiB",
