@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from captioner.allocator import keep_freed_memory
+
 # Decode workers get their images in chunks of this many; at most two blocks of
 # CHUNKSIZE * workers * 4 images are in flight, so memory does not grow with the split.
 CHUNKSIZE = 8
@@ -142,6 +144,7 @@ def _close_files() -> None:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one process = one core; the pool is the parallelism
+    keep_freed_memory()  # reuse each image's decode buffers instead of re-faulting them
     _worker_fds.clear()  # descriptors inherited from the parent are not ours to reuse
 
 
