@@ -181,3 +181,27 @@ def test_empty_split_writes_an_empty_array(tmp_path):
                             progress=False) == []
     with h5py.File(tmp_path / "x.hdf5", "r") as h:
         assert h["images"].shape == (0, 3, 16, 16)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_writer_takes_a_lazy_iterator_and_checks_its_length(tmp_path, num_workers):
+    paths = _files(tmp_path, 5)
+    consumed = []
+
+    def lazily():
+        for path in paths:
+            consumed.append(path)
+            yield path
+
+    with ImageWriter(16, num_workers) as writer:
+        kept = writer.write(tmp_path / "x.hdf5", lazily(), attrs={}, on_error=_no_errors,
+                            progress=False, num_images=5)
+        assert kept == list(range(5)) and consumed == paths
+        with pytest.raises(ValueError, match="4 image files, but num_images=5"):
+            writer.write(tmp_path / "y.hdf5", iter(paths[:4]), attrs={}, on_error=_no_errors,
+                         progress=False, num_images=5)
+        with pytest.raises(ValueError, match="more than the 3 image files"):
+            writer.write(tmp_path / "z.hdf5", iter(paths), attrs={}, on_error=_no_errors,
+                         progress=False, num_images=3)
+    with h5py.File(tmp_path / "x.hdf5", "r") as h:
+        np.testing.assert_array_equal(h["images"][:], np.stack([load_image(p, 16) for p in paths]))

@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -190,31 +190,40 @@ class ImageWriter:
             self._pool = None
         _close_files()
 
-    def write(self, h5_path: str | os.PathLike, image_paths: Sequence[str], attrs: dict,
+    def write(self, h5_path: str | os.PathLike, image_paths: Iterable[str], attrs: dict,
               on_error: Callable[[int, str], None], desc: str = "images",
-              progress: bool = True) -> list[int]:
+              progress: bool = True, num_images: int | None = None) -> list[int]:
         """Create ``h5_path`` with dataset ``images`` (n, 3, S, S) of the readable images.
 
         Args:
             h5_path: the HDF5 file to create (overwritten); the caller renames it into place.
-            image_paths: the split's image files, in order.
+            image_paths: the split's image files, in order. May be a lazy iterator (with
+                ``num_images``): it is consumed block by block while the workers decode,
+                so whatever produces it runs in parallel with the decoding.
             attrs: file attributes set at creation.
             on_error: called as ``on_error(index, message)`` for an unreadable image, in
                 index order; raise to abort, return to skip the image.
             desc: progress bar label.
             progress: show a tqdm bar (images/s).
+            num_images: how many ``image_paths`` yields; None = ``len(list(image_paths))``.
 
         Returns:
             The indices of the images written, in order; row ``r`` of ``images`` holds
             ``image_paths[kept[r]]``.
+
+        Raises:
+            ValueError: ``image_paths`` yields more or fewer than ``num_images`` files.
         """
         h5_path = str(h5_path)
-        n, s = len(image_paths), self.image_size
+        if num_images is None:
+            image_paths = list(image_paths)
+            num_images = len(image_paths)
+        n, s = num_images, self.image_size
         offset = _create_contiguous(h5_path, "images", (n, 3, s, s), attrs)
         failed: set[int] = set()
         target = (h5_path, os.stat(h5_path).st_ino)
         tasks = ((i, str(p), target, offset, s, self.draft_min_ratio)
-                 for i, p in enumerate(image_paths))  # lazily: memory flat in n
+                 for i, p in enumerate(_exactly(image_paths, n)))  # lazily: memory flat in n
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
             for index, error in self._run(tasks):
                 bar.update()
@@ -240,6 +249,17 @@ class ImageWriter:
                 yield from pending.popleft()
         while pending:
             yield from pending.popleft()
+
+
+def _exactly(items: Iterable[str], n: int) -> Iterator[str]:
+    """``items``, checked to be exactly ``n`` of them."""
+    count = 0
+    for count, item in enumerate(items, 1):
+        if count > n:
+            raise ValueError(f"more than the {n} image files announced (num_images)")
+        yield item
+    if count != n:
+        raise ValueError(f"{count} image files, but num_images={n} were announced")
 
 
 def _create_contiguous(h5_path: str, name: str, shape: tuple[int, ...], attrs: dict) -> int:

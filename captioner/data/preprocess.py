@@ -391,7 +391,8 @@ def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list
         staged: dict[str, _Staged] = {}
         with ImageWriter(image_size, num_workers, draft_min_ratio) as writer:
             for split, files in zip(SPLITS, paths):
-                staged[split] = _stage_split(source, writer, word_map, rng, split, files, cpi,
+                staged[split] = _stage_split(source, writer, word_map, rng, split, files,
+                                             survey.num_planned[split], cpi,
                                              max_len, fingerprint, skip_bad_images, skipped,
                                              progress, temps)
 
@@ -425,14 +426,15 @@ _REFERENCE_KEYS = ("image_ids", "paths", "tokens", "raw")  # REFERENCES_*.json, 
 
 
 def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: random.Random,
-                 split: str, files: SplitFiles, cpi: int, max_len: int, fingerprint: str,
-                 skip: bool, skipped: list[SkippedImage], progress: bool,
+                 split: str, files: SplitFiles, num_planned: int, cpi: int, max_len: int,
+                 fingerprint: str, skip: bool, skipped: list[SkippedImage], progress: bool,
                  temps: list[Path]) -> _Staged:
-    """One pass over the JSON for ``split``, its decode, then its three JSON temp files.
+    """One pass over the JSON for ``split`` feeding its decode, then its three JSON temp files.
 
-    The pass samples each image's captions and appends its JSON texts to scratch files;
-    once the decoder has said which images it could read, the outputs are assembled from
-    the scratch lines of those images (``json.dumps`` formatting, byte for byte).
+    The pass samples each image's captions, appends its JSON texts to scratch files and hands
+    the image to the decoder as it goes, so parsing overlaps decoding; once the decoder has
+    said which images it could read, the outputs are assembled from the scratch lines of
+    those images (``json.dumps`` formatting, byte for byte).
     """
     scratch = {section: _temp_beside(files.captions, temps, f"{section}.") for section in _SECTIONS}
     image_paths: list[str] = []
@@ -441,32 +443,35 @@ def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: r
     with contextlib.ExitStack() as stack:
         out = {section: stack.enter_context(open(path, "w", encoding="utf-8"))
                for section, path in scratch.items()}
-        for index, image in enumerate(source.images()):
-            if image.split != split:
-                continue
-            chosen = _sample_captions(image, cpi, max_len, rng)
-            if chosen is None:
-                continue  # counted by the survey
-            # json.dumps of a list is "[" + ", ".join(items) + "]": keep the items' text
-            out["captions"].write(json.dumps([word_map.encode(t, max_len) for t in chosen])[1:-1])
-            out["caplens"].write(json.dumps([len(t) + 2 for t in chosen])[1:-1])
-            out["image_ids"].write(json.dumps(image.image_id))
-            out["paths"].write(json.dumps(str(image.path)))
-            out["tokens"].write(json.dumps(image.tokens))
-            out["raw"].write(json.dumps(image.raw))
-            for f in out.values():
-                f.write("\n")  # json.dumps never writes a raw newline
-            image_paths.append(str(image.path))
-            image_ids.append(image.image_id)
-            indices.append(index)
 
-    def describe(i: int) -> str:
-        return source.describe(indices[i])
+        def planned() -> Iterator[str]:
+            for index, image in enumerate(source.images()):
+                if image.split != split:
+                    continue
+                chosen = _sample_captions(image, cpi, max_len, rng)
+                if chosen is None:
+                    continue  # counted by the survey
+                # json.dumps of a list is "[" + ", ".join(items) + "]": keep the items' text
+                out["captions"].write(json.dumps([word_map.encode(t, max_len) for t in chosen])[1:-1])
+                out["caplens"].write(json.dumps([len(t) + 2 for t in chosen])[1:-1])
+                out["image_ids"].write(json.dumps(image.image_id))
+                out["paths"].write(json.dumps(str(image.path)))
+                out["tokens"].write(json.dumps(image.tokens))
+                out["raw"].write(json.dumps(image.raw))
+                for f in out.values():
+                    f.write("\n")  # json.dumps never writes a raw newline
+                image_paths.append(str(image.path))
+                image_ids.append(image.image_id)
+                indices.append(index)
+                yield image_paths[-1]
 
-    tmp_h5, failed = _stage_images(writer, image_paths, image_ids, describe, split, files.images,
-                                   cpi, max_len, fingerprint, skip, skipped, progress, temps)
+        def describe(i: int) -> str:
+            return source.describe(indices[i])
+
+        tmp_h5, failed = _stage_images(writer, planned(), num_planned, image_paths, image_ids,
+                                       describe, split, files.images, cpi, max_len, fingerprint,
+                                       skip, skipped, progress, temps)
     num_images = len(image_paths) - len(failed)
-    del image_paths, image_ids, indices
 
     captions = _temp_beside(files.captions, temps)
     with open(captions, "w", encoding="utf-8") as f:
@@ -517,11 +522,16 @@ def _umask() -> int:
     return mask
 
 
-def _stage_images(writer: ImageWriter, image_paths: list[str], image_ids: Sequence[int],
+def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
+                  image_paths: list[str], image_ids: Sequence[int],
                   describe: Callable[[int], str], split: str, final: Path, cpi: int,
                   max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
                   progress: bool, temps: list[Path]) -> tuple[Path, set[int]]:
-    """Decode one split's images into a temp HDF5; return (temp path, indices left out)."""
+    """Decode one split's images into a temp HDF5; return (temp path, indices left out).
+
+    ``planned`` yields the ``num_planned`` image files as the JSON pass reaches them;
+    ``image_paths`` and ``image_ids`` are filled by that pass (for the error messages).
+    """
     tmp = _temp_beside(final, temps)
     split_skipped: list[SkippedImage] = []
     failed: set[int] = set()
@@ -533,7 +543,7 @@ def _stage_images(writer: ImageWriter, image_paths: list[str], image_ids: Sequen
         split_skipped.append(SkippedImage(image_paths[i], image_ids[i], split, error))
         failed.add(i)
 
-    writer.write(tmp, image_paths,
+    writer.write(tmp, planned, num_images=num_planned,
                  attrs={"captions_per_image": cpi, "image_size": writer.image_size,
                         "max_len": max_len, "fingerprint": fingerprint, "complete": False},
                  on_error=on_error, desc=f"{split} images", progress=progress)
