@@ -128,7 +128,7 @@ def test_writer_rows_equal_load_image_and_layout_is_the_tutorials(tmp_path, num_
             np.testing.assert_array_equal(data[i], load_image(path, 16))
 
 
-def _no_errors(index, message):
+def _no_errors(index, path, message):
     raise AssertionError(f"unexpected error for image {index}: {message}")
 
 
@@ -138,9 +138,11 @@ def test_writer_drops_unreadable_images_and_compacts(tmp_path, num_workers):
     errors = []
     with ImageWriter(16, num_workers) as writer:
         kept = writer.write(tmp_path / "x.hdf5", paths, attrs={"complete": False},
-                            on_error=lambda i, msg: errors.append((i, msg)), progress=False)
+                            on_error=lambda i, path, msg: errors.append((i, path, msg)),
+                            progress=False)
     assert kept == [0, 2, 3, 5]
-    assert [i for i, _ in errors] == [1, 4] and all("UnidentifiedImageError" in m for _, m in errors)
+    assert [(i, path) for i, path, _ in errors] == [(1, paths[1]), (4, paths[4])]
+    assert all("UnidentifiedImageError" in m for _, _, m in errors)
     with h5py.File(tmp_path / "x.hdf5", "r") as h:
         assert h["images"].shape == (4, 3, 16, 16) and not h.attrs["complete"]
         for row, i in enumerate(kept):
@@ -151,7 +153,7 @@ def test_writer_drops_unreadable_images_and_compacts(tmp_path, num_workers):
 def test_on_error_that_raises_aborts(tmp_path):
     paths = _files(tmp_path, 5, bad={2})
 
-    def fail(index, message):
+    def fail(index, path, message):
         raise OSError(f"image {index}: {message}")
 
     with ImageWriter(16, 2) as writer, pytest.raises(OSError, match="image 2"):

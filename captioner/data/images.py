@@ -116,13 +116,17 @@ _Task = tuple[int, str, tuple[str, int], int, int, "float | None"]
 _worker_fds: dict[tuple[str, int], int] = {}
 
 
-def _write_task(task: _Task) -> tuple[int, str | None]:
-    """Decode one image and write it at its offset; ``(index, None)`` or ``(index, error)``."""
+def _write_task(task: _Task) -> tuple[int, tuple[str, str] | None]:
+    """Decode one image and write it at its offset.
+
+    Returns ``(index, None)``, or ``(index, (image path, error message))`` for an unreadable
+    image (so nobody has to keep every path of the split just for the error message).
+    """
     index, image_path, target, offset, image_size, draft_min_ratio = task
     try:
         pixels = load_image(image_path, image_size, draft_min_ratio)
     except _DECODE_ERRORS as e:
-        return index, f"{type(e).__name__}: {e}"
+        return index, (image_path, f"{type(e).__name__}: {e}")
     fd = _worker_fds.get(target)
     if fd is None:
         _close_files()  # the previous split's file is finished
@@ -191,7 +195,7 @@ class ImageWriter:
         _close_files()
 
     def write(self, h5_path: str | os.PathLike, image_paths: Iterable[str], attrs: dict,
-              on_error: Callable[[int, str], None], desc: str = "images",
+              on_error: Callable[[int, str, str], None], desc: str = "images",
               progress: bool = True, num_images: int | None = None) -> list[int]:
         """Create ``h5_path`` with dataset ``images`` (n, 3, S, S) of the readable images.
 
@@ -201,7 +205,7 @@ class ImageWriter:
                 ``num_images``): it is consumed block by block while the workers decode,
                 so whatever produces it runs in parallel with the decoding.
             attrs: file attributes set at creation.
-            on_error: called as ``on_error(index, message)`` for an unreadable image, in
+            on_error: called as ``on_error(index, path, message)`` for an unreadable image, in
                 index order; raise to abort, return to skip the image.
             desc: progress bar label.
             progress: show a tqdm bar (images/s).
@@ -228,7 +232,7 @@ class ImageWriter:
             for index, error in self._run(tasks):
                 bar.update()
                 if error is not None:
-                    on_error(index, error)
+                    on_error(index, *error)
                     failed.add(index)
         _close_files()  # in-process writes: done with this file
         kept = [i for i in range(n) if i not in failed]
@@ -236,7 +240,7 @@ class ImageWriter:
             _compact(h5_path, "images", kept)
         return kept
 
-    def _run(self, tasks: Iterator[_Task]) -> Iterator[tuple[int, str | None]]:
+    def _run(self, tasks: Iterator[_Task]) -> Iterator[tuple[int, tuple[str, str] | None]]:
         """Results in task order, with at most two blocks of tasks handed to the pool."""
         if self._pool is None:
             yield from map(_write_task, tasks)

@@ -437,7 +437,6 @@ def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: r
     those images (``json.dumps`` formatting, byte for byte).
     """
     scratch = {section: _temp_beside(files.captions, temps, f"{section}.") for section in _SECTIONS}
-    image_paths: list[str] = []
     image_ids = array("q")  # for SkippedImage
     indices = array("q")  # position in the JSON, for error messages
     with contextlib.ExitStack() as stack:
@@ -460,18 +459,16 @@ def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: r
                 out["raw"].write(json.dumps(image.raw))
                 for f in out.values():
                     f.write("\n")  # json.dumps never writes a raw newline
-                image_paths.append(str(image.path))
                 image_ids.append(image.image_id)
                 indices.append(index)
-                yield image_paths[-1]
+                yield str(image.path)
 
         def describe(i: int) -> str:
             return source.describe(indices[i])
 
-        tmp_h5, failed = _stage_images(writer, planned(), num_planned, image_paths, image_ids,
-                                       describe, split, files.images, cpi, max_len, fingerprint,
+        tmp_h5, failed = _stage_images(writer, planned(), num_planned, image_ids, describe, split, files.images, cpi, max_len, fingerprint,
                                        skip, skipped, progress, temps)
-    num_images = len(image_paths) - len(failed)
+    num_images = num_planned - len(failed)
 
     captions = _temp_beside(files.captions, temps)
     with open(captions, "w", encoding="utf-8") as f:
@@ -523,24 +520,24 @@ def _umask() -> int:
 
 
 def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
-                  image_paths: list[str], image_ids: Sequence[int],
+                  image_ids: Sequence[int],
                   describe: Callable[[int], str], split: str, final: Path, cpi: int,
                   max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
                   progress: bool, temps: list[Path]) -> tuple[Path, set[int]]:
     """Decode one split's images into a temp HDF5; return (temp path, indices left out).
 
     ``planned`` yields the ``num_planned`` image files as the JSON pass reaches them;
-    ``image_paths`` and ``image_ids`` are filled by that pass (for the error messages).
+    ``image_ids`` is filled by that pass (for the skipped-image records).
     """
     tmp = _temp_beside(final, temps)
     split_skipped: list[SkippedImage] = []
     failed: set[int] = set()
 
-    def on_error(i: int, error: str) -> None:
+    def on_error(i: int, path: str, error: str) -> None:
         if not skip:
-            raise OSError(f"cannot read image {image_paths[i]} ({describe(i)} in the Karpathy "
+            raise OSError(f"cannot read image {path} ({describe(i)} in the Karpathy "
                           f"JSON): {error}. Fix or remove the file, or pass skip_bad_images=True")
-        split_skipped.append(SkippedImage(image_paths[i], image_ids[i], split, error))
+        split_skipped.append(SkippedImage(path, image_ids[i], split, error))
         failed.add(i)
 
     writer.write(tmp, planned, num_images=num_planned,
