@@ -68,8 +68,7 @@ def load_image(path: str | os.PathLike, image_size: int,
         OSError: missing, unreadable, non-image or truncated file.
         ValueError: ``draft_min_ratio`` outside (0, 1].
     """
-    if draft_min_ratio is not None and not 0.0 < draft_min_ratio <= 1.0:
-        raise ValueError(f"draft_min_ratio must be in (0, 1] or None, got {draft_min_ratio!r}")
+    check_draft_min_ratio(draft_min_ratio)
     with Image.open(path) as img:
         if draft_min_ratio is not None and img.format == "JPEG":
             side = math.ceil(image_size * draft_min_ratio)
@@ -77,6 +76,13 @@ def load_image(path: str | os.PathLike, image_size: int,
         rgb = _to_rgb(img)
         pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable
     return resize(pixels, image_size)
+
+
+def check_draft_min_ratio(draft_min_ratio: float | None) -> None:
+    """Raise ValueError unless ``draft_min_ratio`` is None or in (0, 1]."""
+    if draft_min_ratio is not None and not 0.0 < draft_min_ratio <= 1.0:
+        raise ValueError(f"draft_min_ratio must be in (0, 1] or None (full decode), got "
+                         f"{draft_min_ratio!r}")
 
 
 def resize(pixels: np.ndarray, image_size: int) -> np.ndarray:
@@ -168,8 +174,7 @@ class ImageWriter:
 
     def __init__(self, image_size: int, num_workers: int = 0,
                  draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO):
-        if draft_min_ratio is not None and not 0.0 < draft_min_ratio <= 1.0:
-            raise ValueError(f"draft_min_ratio must be in (0, 1] or None, got {draft_min_ratio!r}")
+        check_draft_min_ratio(draft_min_ratio)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.image_size = image_size

@@ -46,7 +46,8 @@ from typing import BinaryIO, TextIO
 
 import h5py
 
-from captioner.data.images import CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter
+from captioner.data.images import (CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter,
+                                   check_draft_min_ratio)
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, iter_karpathy
 from captioner.vocab import WordMap, write_json_atomic
 
@@ -234,9 +235,7 @@ def create_input_files(dataset: str,
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 or None, got {num_workers}")
-    if draft_min_ratio is not None and not 0.0 < draft_min_ratio <= 1.0:
-        raise ValueError(f"draft_min_ratio must be in (0, 1] or None (full decode), got "
-                         f"{draft_min_ratio!r}")
+    check_draft_min_ratio(draft_min_ratio)
     karpathy_json_path, image_folder = Path(karpathy_json_path), Path(image_folder)
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
