@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from captioner.allocator import keep_freed_memory
 
-# Decode workers get their images in chunks of this many; at most two blocks of
+# Decode workers get their images in chunks of this many (fewer, larger messages: 8 cost
+# the main process 0.1 s more CPU per 2,000 images than 32); at most two blocks of
 # CHUNKSIZE * workers * 4 images are in flight, so memory does not grow with the split.
-CHUNKSIZE = 8
+CHUNKSIZE = 32
 DEFAULT_DRAFT_MIN_RATIO = 0.8
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
