@@ -169,8 +169,10 @@ def test_caption_module_exits_with_1_when_an_input_fails(tmp_path):
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def test_inference_pixels_are_the_hdf5_rows_of_preprocessing(tmp_path):
-    """The same picture at two sizes: caption_images feeds exactly the preprocessed HDF5 rows."""
+@pytest.mark.parametrize("draft", [{}, {"draft_min_ratio": None}], ids=["draft", "full_decode"])
+def test_inference_pixels_are_the_hdf5_rows_of_preprocessing(tmp_path, draft):
+    """The same picture at two sizes: caption_images feeds exactly the preprocessed HDF5 rows
+    (with the same JPEG draft setting)."""
     folder = tmp_path / "raw"
     folder.mkdir()
     base = Image.fromarray(picture(300, 220))
@@ -183,14 +185,15 @@ def test_inference_pixels_are_the_hdf5_rows_of_preprocessing(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "tiny", "images": entries}))
     create_input_files("tiny", tmp_path / "dataset.json", folder, captions_per_image=1, min_word_freq=1,
                        output_folder=tmp_path / "prepared", max_len=8, image_size=IMAGE_SIZE,
-                       num_workers=0, progress=False)
+                       num_workers=0, progress=False, **draft)
     name = data_name("tiny", 1, 1)
     with h5py.File(tmp_path / "prepared" / f"TRAIN_IMAGES_{name}.hdf5", "r") as h5:
         rows = torch.from_numpy(h5["images"][:])
     order = json.loads((tmp_path / "prepared" / f"TRAIN_REFERENCES_{name}.json").read_text())["paths"]
 
     model = tiny_model()
-    results = list(caption_images(model, order, IMAGE_SIZE, beam_size=3, max_len=6, batch_size=2))
+    results = list(caption_images(model, order, IMAGE_SIZE, beam_size=3, max_len=6, batch_size=2,
+                                  **draft))
     assert [str(r.path) for r in results] == order and all(r.ok for r in results)
     pixels = torch.stack([torch.from_numpy(r.image).permute(2, 0, 1) for r in results])
     assert pixels.dtype == torch.uint8 and torch.equal(pixels, rows)
@@ -198,6 +201,22 @@ def test_inference_pixels_are_the_hdf5_rows_of_preprocessing(tmp_path):
     expected = model.captioner.generate(rows, beam_size=3, max_len=6)
     assert [r.tokens for r in results] == [h[0].tokens for h in expected]
     assert [r.words for r in results] == [[model.word_map.word_of(t) for t in h[0].tokens] for h in expected]
+
+
+@pytest.mark.parametrize("stored", [{}, {"draft_min_ratio": None}, {"draft_min_ratio": 0.5}])
+def test_caption_cli_decodes_with_the_checkpoints_draft_setting(tmp_path, monkeypatch, stored):
+    import captioner.caption as caption_module
+
+    seen = []
+    real = caption_module.load_image
+    monkeypatch.setattr(caption_module, "load_image",
+                        lambda path, size, ratio: seen.append(ratio) or real(path, size, ratio))
+    model = tiny_model()
+    model.run_config["data"].update(stored)
+    ckpt = save_checkpoint(model, tmp_path / "model.ckpt")
+    good = write_good_images(tmp_path / "images")
+    assert caption(caption_cfg(tmp_path, tmp_path / "images", ckpt, "attention=false")) == 0
+    assert seen == [stored.get("draft_min_ratio", 0.8)] * len(good)
 
 
 def test_result_alphas_have_one_row_per_figure_word(tmp_path):
