@@ -268,7 +268,7 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
                                "vocab_size": data.vocab_size, "special_ids": data.special_ids}})
     if keep_applies(device):
         specs += [{**spec, "keep_freed_memory": True} for spec in specs]
-    return [isolated_row(spec) for spec in specs]
+    return [row for spec in specs for row in isolated_rows(spec)]
 
 
 def keep_applies(device: torch.device) -> bool:
@@ -282,21 +282,19 @@ spec = json.loads(sys.argv[1])
 if spec.get("keep_freed_memory"):  # before torch allocates anything
     from captioner.allocator import keep_freed_memory
     assert keep_freed_memory(), "glibc malloc options could not be set"
-from benchmarks.run import decode_rows, train_row
+from benchmarks.run import KEEP, decode_rows, train_row
 rows = decode_rows(spec) if spec["kind"] == "decode" else [train_row(spec)]
 for row in rows:
     if spec.get("keep_freed_memory"):
-        row["name"] += ", keep_freed_memory"
+        row["name"] += KEEP
         row["malloc"] = "keep_freed_memory"
     print("BENCH_ROW " + json.dumps(row), flush=True)
 """
 
 
-def isolated_row(spec: dict) -> list[dict] | dict:
-    """Training or decoding rows of ``spec`` in a fresh interpreter (see the module docstring).
-
-    Returns the one training row, or the list of decoding rows (``kind == "decode"``).
-    """
+def isolated_rows(spec: dict) -> list[dict]:
+    """The rows of ``spec`` (one training row, or the decoding rows) in a fresh interpreter
+    (see the module docstring)."""
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
@@ -307,7 +305,7 @@ def isolated_row(spec: dict) -> list[dict] | dict:
     if proc.returncode != 0 or not rows:
         raise RuntimeError(f"benchmark child failed ({spec['kind']}, fine_tune="
                            f"{spec.get('fine_tune')}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return rows if spec["kind"] == "decode" else rows[0]
+    return rows
 
 
 def train_row(spec: dict) -> dict:
@@ -427,7 +425,7 @@ def bench_decode(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]
     spec = {"kind": "decode", "sizes": dataclasses.asdict(sizes), "device": str(device),
             "repeats": repeats}
     specs = [spec] + ([{**spec, "keep_freed_memory": True}] if keep_applies(device) else [])
-    return [row for s in specs for row in isolated_row(s)]
+    return [row for s in specs for row in isolated_rows(s)]
 
 
 def decode_rows(spec: dict) -> list[dict]:

@@ -35,12 +35,9 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO, load_image
+from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO, IMAGE_ERRORS, load_image
 from captioner.models import Captioner
 from captioner.vocab import END, WordMap, write_json_atomic
-
-#: Exceptions that mean "this file is not a readable image" (as preprocessing treats them).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass

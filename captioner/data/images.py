@@ -41,7 +41,9 @@ from captioner.allocator import keep_freed_memory
 CHUNKSIZE = 32
 DEFAULT_DRAFT_MIN_RATIO = 0.8
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+#: Exceptions that mean "this file is not a readable image" (skipped or reported, never fatal
+#: by themselves): decoding errors of PIL and the files it reads.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -132,7 +134,7 @@ def _write_task(task: _Task) -> tuple[int, tuple[str, str] | None]:
     index, image_path, target, offset, image_size, draft_min_ratio = task
     try:
         pixels = load_image(image_path, image_size, draft_min_ratio)
-    except _DECODE_ERRORS as e:
+    except IMAGE_ERRORS as e:
         return index, (image_path, f"{type(e).__name__}: {e}")
     fd = _worker_fds.get(target)
     if fd is None:

@@ -15,11 +15,11 @@ is a no-op.
 Memory: peak memory does not grow with the captions. The Karpathy JSON is streamed
 (:func:`captioner.data.karpathy.iter_karpathy`) from one open handle: one pass validates it,
 counts train words and counts each split (so every JSON error, and a missing short caption,
-comes before any image is decoded); then one pass per split samples the captions and appends
-each image's JSON text to scratch files, the split's images are decoded, and its JSON temp
-files are assembled from the scratch lines of the images that were kept. Only the split being
-decoded keeps per-image data (its paths and ids). The outputs are byte for byte what
-``json.dumps`` of the whole lists gives.
+comes before any image is decoded); then one pass per split samples the captions, appends each
+image's JSON text to scratch files and hands the image to the decode workers as it goes; the
+split's JSON temp files are then assembled from the scratch lines of the images that were
+kept. Only the split being decoded keeps per-image data (its ids and JSON positions, 16 bytes
+an image). The outputs are byte for byte what ``json.dumps`` of the whole lists gives.
 
 Run alone with ``python -m captioner.data.preprocess --help``.
 """
@@ -49,7 +49,7 @@ import h5py
 from captioner.data.images import (CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter,
                                    check_draft_min_ratio)
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, iter_karpathy
-from captioner.vocab import WordMap, write_json_atomic
+from captioner.vocab import WordMap, new_file_mode, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +372,8 @@ def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list
     Memory stays flat in the number of captions: the JSON is streamed once to validate it,
     count train words and count each split, then once per split (train, val, test: the
     order the random stream is consumed) to sample captions and write them out. Across
-    the dataset only the split being decoded has per-image data in memory (its paths and
-    ids, which the decoder needs).
+    the dataset only the split being decoded has per-image data in memory (its ids and
+    JSON positions, for the skipped-image records and error messages).
     """
     survey = _Survey(max_len, keep_all_unusable=skip_bad_images)
     word_map = build_word_map(survey.observe(source.images()), min_word_freq)
@@ -482,7 +482,7 @@ def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: r
             f.write(f"{', ' if k else ''}{json.dumps(key)}: ")
             _copy_list(scratch[key], failed, f)
         f.write("}")
-    mode = 0o666 & ~_umask()  # what write_json_atomic gives
+    mode = new_file_mode()  # what write_json_atomic gives
     for path in (captions, caplens, references):
         os.chmod(path, mode)
     for path in scratch.values():
@@ -511,11 +511,6 @@ def _temp_beside(final: Path, temps: list[Path], tag: str = "") -> Path:
     temps.append(Path(name))
     return temps[-1]
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
