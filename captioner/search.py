@@ -172,6 +172,37 @@ def _check_alpha_kind(alpha: Tensor | None, first_alpha_none: bool) -> None:
                          "tensors and None)")
 
 
+class _DoneFlag:
+    """Reads the loop's "everything has stopped" flag without stalling a CUDA queue.
+
+    On CUDA, step t's flag is copied to pinned host memory without waiting and read after step
+    t + 1 has been queued, so the host never waits for the step it has just queued and the GPU
+    never idles while the host queues the next one. The loop may then run one step past the
+    stop; stopped rows are frozen (a zero-cost ``<end>`` no-op), so the hypotheses are the same.
+    Elsewhere the flag is read at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        if self.lagged:
+            self.host = [torch.zeros((), dtype=torch.bool).pin_memory() for _ in range(2)]
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+            self.calls = 0
+
+    def __call__(self, flag: Tensor) -> bool:
+        if not self.lagged:
+            return bool(flag)
+        slot = self.calls % 2
+        self.host[slot].copy_(flag, non_blocking=True)
+        self.events[slot].record()
+        self.calls += 1
+        if self.calls == 1:
+            return False
+        previous = 1 - slot
+        self.events[previous].synchronize()
+        return bool(self.host[previous])
+
+
 def _hypotheses(tokens: Tensor, scores: Tensor, lengths: Tensor, finished: Tensor,
                 alphas: Tensor | None) -> list[list[Hypothesis]]:
     """Convert decoded paths to Python objects, one host transfer for the whole batch.
@@ -233,6 +264,7 @@ def greedy_search(step_fn: StepFn, state: Any, batch_size: int, start_id: int, e
     hist_tokens: list[Tensor] = []
     hist_alphas: list[Tensor] = []
     first_alpha_none = True
+    done = _DoneFlag(device)
     for t in range(max_len):
         log_probs, state, alpha = _call_step(step_fn, tokens, state)
         if t == 0:
@@ -253,7 +285,7 @@ def greedy_search(step_fn: StepFn, state: Any, batch_size: int, start_id: int, e
         hist_tokens.append(tokens)
         if alpha is not None:
             hist_alphas.append(alpha)
-        if bool(finished.all()):  # the loop's one host sync per step
+        if done(finished.all()):  # the loop's one host sync per step (lagged on CUDA)
             break
     path = torch.stack(hist_tokens, dim=1)[:, None]             # (B, 1, T)
     alphas = torch.stack(hist_alphas, dim=1)[:, None] if hist_alphas else None  # (B, 1, T, P)
@@ -281,7 +313,8 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int, st
     ``score / ((5 + max_len) / 6) ** length_penalty`` (just ``score`` when the penalty is 0).
     This bound is exact, so stopping early never changes the returned hypotheses. The loop ends
     when every image has stopped, or after ``max_len`` steps. There is one host sync per step
-    (that test) and none elsewhere in the loop.
+    (that test; on CUDA it reads the previous step's test, see :class:`_DoneFlag`) and none
+    elsewhere in the loop.
 
     Args:
         step_fn: ``(tokens (N,) int64, state) -> (log_probs (N, V), new_state, alpha (N, P) |
@@ -313,6 +346,7 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int, st
     hist_parents: list[Tensor] = []  # (B, K) slot (before step t) that slot k extends
     hist_alphas: list[Tensor] = []   # (B, K, P) alpha of the rows before reordering
     first_alpha_none = True
+    done = _DoneFlag(device)
     for t in range(max_len):
         log_probs, state, alpha = _call_step(step_fn, tokens, state)
         if t == 0:
@@ -352,7 +386,7 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int, st
             hist_alphas.append(alpha.view(B, K, -1))
         stopped = stopped | _images_done(scores, lengths, finished, num_return, length_penalty,
                                          max_factor)
-        if bool(stopped.all()):  # the loop's one host sync per step
+        if done(stopped.all()):  # the loop's one host sync per step (lagged on CUDA)
             break
 
     # Rank: finished first, then unfinished, each by ranking score (two stable sorts).

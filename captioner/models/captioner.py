@@ -102,12 +102,15 @@ class Captioner(nn.Module):
                              f"got {tuple(lengths.shape)}")
         batch, k, num_tokens = captions.shape
         device = self.image_mean.device
-        captions = captions.to(device).reshape(batch * k, num_tokens)
-        lengths = lengths.to(device).reshape(batch * k)
+        # non_blocking copies and lengths handed to the decoder where they are (the decoder
+        # reads them on the host): with a loader's CPU batch no step waits for the GPU.
+        captions = captions.to(device, non_blocking=True).reshape(batch * k, num_tokens)
+        lengths = lengths.reshape(batch * k)
         features = self.encode(images)
         out = self.decoder(features, captions, lengths, captions_per_image=k)
         steps = out.logits.size(1)
         targets = captions[:, 1:steps + 1]
+        lengths = lengths.to(device, non_blocking=True)
         mask = torch.arange(steps, device=device)[None] < (lengths - 1)[:, None]  # (B*k, L)
         return CaptionerOutput(out.logits, out.alphas, targets, mask)
 
@@ -140,7 +143,8 @@ class Captioner(nn.Module):
         if beam_size > 1:
             features = expand_for_beams(features, beam_size)  # (B*K, P, D)
             projected = expand_for_beams(projected, beam_size)  # (B*K, P, A)
-        banned = torch.tensor([self.pad_id, self.start_id], device=features.device)
+        # Copied without waiting: a plain copy would hold the host until the encoder finished.
+        banned = torch.tensor([self.pad_id, self.start_id]).to(features.device, non_blocking=True)
 
         def step_fn(tokens: Tensor, state: DecoderState):
             out = self.decoder.step(tokens, DecoderState(*state), features, projected)

@@ -172,7 +172,11 @@ class AttentionLSTMDecoder(nn.Module):
         if num_rows != features.size(0) * captions_per_image:
             raise ValueError(f"captions has {num_rows} rows but features has {features.size(0)} "
                              f"images x captions_per_image={captions_per_image}")
-        decode_lengths = (lengths - 1).tolist()  # one host sync: per-step batch sizes
+        # Per-step batch sizes are read on the host: free for CPU lengths (what the loader
+        # gives), one host sync for lengths already on the GPU. Everything the loop needs
+        # from them is built on the host and copied without waiting (non_blocking), so no
+        # later line waits for the GPU either (no boolean-mask indexing).
+        decode_lengths = (lengths.cpu() - 1).tolist()
         if min(decode_lengths) < 1 or max(decode_lengths) > num_tokens - 1:
             raise ValueError(f"lengths must lie in 2..T={num_tokens} (<start> .. <end>), got "
                              f"min {min(decode_lengths) + 1}, max {max(decode_lengths) + 1}")
@@ -187,7 +191,13 @@ class AttentionLSTMDecoder(nn.Module):
 
         order = sorted(range(num_rows), key=lambda n: -decode_lengths[n])  # stable, longest first
         active = [sum(1 for d in decode_lengths if d > t) for t in range(max_steps)]
-        order_t = torch.tensor(order, device=captions.device)
+        device = captions.device
+        order_t = torch.tensor(order).to(device, non_blocking=True)
+        inverse = torch.tensor(order).argsort().to(device, non_blocking=True)
+        # Flat (row, step) positions of the real tokens in the sorted (N, L) layout, row-major.
+        sorted_steps = torch.tensor([decode_lengths[n] for n in order])
+        real = (torch.arange(max_steps) < sorted_steps[:, None]).view(-1).nonzero().squeeze(1)
+        real = real.to(device, non_blocking=True)
         features, projected, h, c, captions = (x.index_select(0, order_t)
                                                for x in (features, projected, h, c, captions))
         embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
@@ -204,12 +214,9 @@ class AttentionLSTMDecoder(nn.Module):
 
         # The output layer once over every real position: one large matrix product instead of
         # one per step (the V-wide layer dominates the decoder's cost), none on padding.
-        valid = torch.arange(max_steps, device=hidden.device) < (lengths - 1).index_select(0, order_t)[:, None]
-        logits = hidden.new_zeros(num_rows, max_steps, self.vocab_size)
-        logits[valid] = self.fc(self.dropout(hidden[valid]))  # (num real tokens, V)
-
-        inverse = torch.empty_like(order_t)
-        inverse[order_t] = torch.arange(num_rows, device=order_t.device)
+        scores = self.fc(self.dropout(hidden.view(-1, hidden.size(2)).index_select(0, real)))
+        logits = scores.new_zeros(num_rows * max_steps, self.vocab_size).index_copy(0, real, scores)
+        logits = logits.view(num_rows, max_steps, self.vocab_size)
         return DecoderOutput(logits.index_select(0, inverse), alphas.index_select(0, inverse))
 
 
