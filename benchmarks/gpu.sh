@@ -5,6 +5,7 @@
 # row starts its own interpreter; the peak-RSS rows write ~4 GiB of HDF5 under the temp folder,
 # removed as they go). Skip the preprocessing rows with: bash benchmarks/gpu.sh --only loader,train,decode
 # Usage: bash benchmarks/gpu.sh [extra args for python -m benchmarks]
+# Environment: PYTHON (default python3), BENCH_REPEATS (default 3), BENCH_LOADER_WORKERS (0,4,8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
@@ -12,5 +13,5 @@ dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest"
 stamp="$(date +%Y%m%d-%H%M%S)"
 workers="${BENCH_LOADER_WORKERS:-0,4,8}"
-python -m benchmarks --device cuda --repeats "${BENCH_REPEATS:-3}" --loader-workers "$workers" \
+"${PYTHON:-python3}" -m benchmarks --device cuda --repeats "${BENCH_REPEATS:-3}" --loader-workers "$workers" \
     --out "$dest/gpu-$stamp.json" "$@" 2>&1 | tee "$dest/gpu-$stamp.log"
