@@ -497,7 +497,7 @@ def decode_rows(spec: dict) -> list[dict]:
                 name += f", batch {batch}"
             rows.append(rate(name, "decode", "ours", "images/s", len(images), times,
                              batch=batch, steps=steps, **cuda_peak_mib(device)))
-    del module, captioner
+    module = captioner = None  # frees our model before the tutorial's is built
 
     encoder, decoder, _ = build_tutorial(sizes, device, fine_tune=False)
     encoder.eval()
@@ -827,7 +827,7 @@ def bench_loader(sizes: Sizes, device: torch.device, repeats: int, data: DataSet
         rows.append(rate(f"loader CaptionH5Dataset workers={workers}", "loader", "ours",
                          "images/s", n * sizes.loader_batch, times, workers=workers,
                          batch=sizes.loader_batch, pin_memory=device.type == "cuda"))
-        del batches
+        batches = None  # stops this loader's workers
     return rows
 
 

@@ -359,21 +359,21 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int, st
             finished = torch.zeros(B, K, dtype=torch.bool, device=device)
             stopped = torch.zeros(B, dtype=torch.bool, device=device)
             row_offset = torch.arange(B, device=device)[:, None] * K          # (B, 1)
-            is_end_column = torch.arange(V, device=device) == end_id          # (V,)
         _check_alpha_kind(alpha, first_alpha_none)
         frozen = finished | stopped[:, None]                                  # (B, K)
-        candidates = scores[..., None] + log_probs.float().view(B, K, V)     # (B, K, V)
-        candidates = candidates.masked_fill(frozen[..., None], neg_inf)
-        # A frozen slot continues only through its <end> column, at zero cost, and the +inf key
-        # guarantees it is selected again: finished beams are moved aside, never displaced.
-        keep = frozen[..., None] & is_end_column                              # (B, K, V)
-        candidates = torch.where(keep, scores[..., None], candidates)
-        keys = candidates.masked_fill(keep, pos_inf)
+        # The ranking keys, built in place (one (B, K, V) tensor per step): a frozen slot
+        # continues only through its <end> column, whose +inf key guarantees it is selected
+        # again at zero cost, so finished beams are moved aside, never displaced.
+        keys = scores[..., None] + log_probs.float().view(B, K, V)           # (B, K, V)
+        keys.masked_fill_(frozen[..., None], neg_inf)
+        keys[..., end_id].masked_fill_(frozen, pos_inf)
         flat = keys.view(B, K * V).topk(K, dim=1).indices                     # (B, K)
         parents = torch.div(flat, V, rounding_mode="floor")
         new_tokens = flat % V
-        scores = candidates.view(B, K * V).gather(1, flat)
         parent_frozen = frozen.gather(1, parents)
+        # Open extensions score their key; a frozen slot's no-op keeps its parent's score.
+        scores = torch.where(parent_frozen & (new_tokens == end_id), scores.gather(1, parents),
+                             keys.view(B, K * V).gather(1, flat))
         finished = torch.where(parent_frozen, finished.gather(1, parents), new_tokens == end_id)
         finished = finished & (scores > neg_inf)
         lengths = lengths.gather(1, parents) + (~parent_frozen).long()

@@ -148,7 +148,7 @@ class Captioner(nn.Module):
 
         def step_fn(tokens: Tensor, state: DecoderState):
             out = self.decoder.step(tokens, DecoderState(*state), features, projected)
-            logits = out.logits.float().index_fill(1, banned, float("-inf"))
+            logits = out.logits.float().index_fill_(1, banned, float("-inf"))  # a fresh tensor
             return logits.log_softmax(dim=-1), out.state, out.alpha
 
         if beam_size == 1:
