@@ -13,12 +13,13 @@ serialises concurrent calls (DDP ranks); a call whose outputs exist with the sam
 is a no-op.
 
 Memory: peak memory does not grow with the captions. The Karpathy JSON is streamed
-(:func:`captioner.data.karpathy.iter_karpathy`) from one open handle: one pass validates it,
-counts train words and counts each split (so every JSON error, and a missing short caption,
-comes before any image is decoded); then one pass per split samples the captions, appends each
-image's JSON text to scratch files and hands the image to the decode workers as it goes; the
-split's JSON temp files are then assembled from the scratch lines of the images that were
-kept. Only the split being decoded keeps per-image data (its ids and JSON positions, 16 bytes
+(:func:`captioner.data.karpathy.iter_karpathy`) from one open handle in one pass, which
+validates it, counts train words, counts each split (so every JSON error, and a missing short
+caption, comes before any image is decoded) and copies each usable image's id, path and
+captions as a JSON line to its split's spool file (temp disk about the JSON's size, never
+memory); then one pass per split over its spool samples the captions, appends each image's
+JSON text to scratch files and hands the image to the decode workers as it goes; the split's
+JSON temp files are then assembled from the scratch lines of the images that were kept. Only the split being decoded keeps per-image data (its ids and JSON positions, 16 bytes
 an image). The outputs are byte for byte what ``json.dumps`` of the whole lists gives.
 
 Run alone with ``python -m captioner.data.preprocess --help``.
@@ -317,11 +318,14 @@ class _Survey:
     def reason(self) -> str:
         return f"no caption with at most max_len={self.max_len} tokens"
 
-    def observe(self, images: Iterable[KarpathyImage]) -> Iterator[KarpathyImage]:
-        """Pass ``images`` through, counting them."""
+    def observe(self, images: Iterable[KarpathyImage],
+                spools: dict[str, TextIO]) -> Iterator[KarpathyImage]:
+        """Pass ``images`` through, counting them; each image with a short enough caption is
+        also written to its split's spool (see :func:`_spool_line`)."""
         for image in images:
             if any(len(tokens) <= self.max_len for tokens in image.tokens):
                 self.num_planned[image.split] += 1
+                spools[image.split].write(_spool_line(image))
             else:
                 self.first_unusable.setdefault(image.split, image.describe())
                 if self.keep_all_unusable:
@@ -337,16 +341,25 @@ class _Survey:
                                  f"pass skip_bad_images=True")
 
 
-def _sample_captions(image: KarpathyImage, cpi: int, max_len: int,
-                     rng: random.Random) -> list[list[str]] | None:
-    """``cpi`` of the image's captions of at most ``max_len`` tokens; None if it has none.
+def _spool_line(image: KarpathyImage) -> str:
+    """One spool line: ``[index, image_id, path, tokens, raw]`` as JSON, newline-terminated.
+
+    The split passes read their images back from these lines instead of parsing (and
+    validating) the whole Karpathy JSON again, once per split.
+    """
+    return json.dumps([image.index, image.image_id, str(image.path), image.tokens,
+                       image.raw]) + "\n"
+
+
+def _sample_captions(captions: list[list[str]], cpi: int, max_len: int,
+                     rng: random.Random) -> list[list[str]]:
+    """``cpi`` of an image's ``captions`` (token lists) of at most ``max_len`` tokens, of
+    which it has at least one (the spools hold only such images).
 
     All of them plus ``rng.choice`` picks when there are fewer than ``cpi``, else
     ``rng.sample`` (the tutorial's rule and random stream).
     """
-    usable = [tokens for tokens in image.tokens if len(tokens) <= max_len]
-    if not usable:
-        return None
+    usable = [tokens for tokens in captions if len(tokens) <= max_len]
     if len(usable) < cpi:
         return usable + [rng.choice(usable) for _ in range(cpi - len(usable))]
     return rng.sample(usable, k=cpi)
@@ -370,28 +383,34 @@ def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list
     """Validate, stage every split's files under temp names, then commit them.
 
     Memory stays flat in the number of captions: the JSON is streamed once to validate it,
-    count train words and count each split, then once per split (train, val, test: the
-    order the random stream is consumed) to sample captions and write them out. Across
-    the dataset only the split being decoded has per-image data in memory (its ids and
-    JSON positions, for the skipped-image records and error messages).
+    count train words and count each split, and copy each usable image to its split's spool
+    file; then each split's spool is read once (train, val, test: the order the random
+    stream is consumed) to sample captions and write them out. Across the dataset only the
+    split being decoded has per-image data in memory (its ids and JSON positions, for the
+    skipped-image records and error messages).
     """
-    survey = _Survey(max_len, keep_all_unusable=skip_bad_images)
-    word_map = build_word_map(survey.observe(source.images()), min_word_freq)
-    if not skip_bad_images:
-        survey.check()  # before any image is decoded
-    skipped = [item for split in SPLITS for item in survey.unusable[split]]
-
-    total = sum(survey.num_planned.values())
-    if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if total >= 4 * CHUNKSIZE else 0
-    rng = random.Random(seed)
     temps: list[Path] = []  # every temp file we made, removed on the way out
     try:
+        survey = _Survey(max_len, keep_all_unusable=skip_bad_images)
+        spools = {split: _temp_beside(files.captions, temps, "spool.")
+                  for split, files in zip(SPLITS, paths)}
+        with contextlib.ExitStack() as stack:
+            spool_files = {split: stack.enter_context(open(path, "w", encoding="utf-8"))
+                           for split, path in spools.items()}
+            word_map = build_word_map(survey.observe(source.images(), spool_files), min_word_freq)
+        if not skip_bad_images:
+            survey.check()  # before any image is decoded
+        skipped = [item for split in SPLITS for item in survey.unusable[split]]
+
+        total = sum(survey.num_planned.values())
+        if num_workers is None:
+            num_workers = len(os.sched_getaffinity(0)) if total >= 4 * CHUNKSIZE else 0
+        rng = random.Random(seed)
         staged: dict[str, _Staged] = {}
         with ImageWriter(image_size, num_workers, draft_min_ratio) as writer:
             for split, files in zip(SPLITS, paths):
-                staged[split] = _stage_split(source, writer, word_map, rng, split, files,
-                                             survey.num_planned[split], cpi,
+                staged[split] = _stage_split(source, spools[split], writer, word_map, rng,
+                                             split, files, survey.num_planned[split], cpi,
                                              max_len, fingerprint, skip_bad_images, skipped,
                                              progress, temps)
 
@@ -424,14 +443,14 @@ _SECTIONS = ("captions", "caplens", "image_ids", "paths", "tokens", "raw")
 _REFERENCE_KEYS = ("image_ids", "paths", "tokens", "raw")  # REFERENCES_*.json, in this order
 
 
-def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: random.Random,
-                 split: str, files: SplitFiles, num_planned: int, cpi: int, max_len: int,
-                 fingerprint: str, skip: bool, skipped: list[SkippedImage], progress: bool,
-                 temps: list[Path]) -> _Staged:
-    """One pass over the JSON for ``split`` feeding its decode, then its three JSON temp files.
+def _stage_split(source: _Source, spool: Path, writer: ImageWriter, word_map: WordMap,
+                 rng: random.Random, split: str, files: SplitFiles, num_planned: int, cpi: int,
+                 max_len: int, fingerprint: str, skip: bool, skipped: list[SkippedImage],
+                 progress: bool, temps: list[Path]) -> _Staged:
+    """One pass over ``split``'s spool feeding its decode, then its three JSON temp files.
 
     The pass samples each image's captions, appends its JSON texts to scratch files and hands
-    the image to the decoder as it goes, so parsing overlaps decoding; once the decoder has
+    the image to the decoder as it goes, so reading overlaps decoding; once the decoder has
     said which images it could read, the outputs are assembled from the scratch lines of
     those images (``json.dumps`` formatting, byte for byte).
     """
@@ -443,24 +462,24 @@ def _stage_split(source: _Source, writer: ImageWriter, word_map: WordMap, rng: r
                for section, path in scratch.items()}
 
         def planned() -> Iterator[str]:
-            for index, image in enumerate(source.images()):
-                if image.split != split:
-                    continue
-                chosen = _sample_captions(image, cpi, max_len, rng)
-                if chosen is None:
-                    continue  # counted by the survey
-                # json.dumps of a list is "[" + ", ".join(items) + "]": keep the items' text
-                out["captions"].write(json.dumps([word_map.encode(t, max_len) for t in chosen])[1:-1])
-                out["caplens"].write(json.dumps([len(t) + 2 for t in chosen])[1:-1])
-                out["image_ids"].write(json.dumps(image.image_id))
-                out["paths"].write(json.dumps(str(image.path)))
-                out["tokens"].write(json.dumps(image.tokens))
-                out["raw"].write(json.dumps(image.raw))
-                for f in out.values():
-                    f.write("\n")  # json.dumps never writes a raw newline
-                image_ids.append(image.image_id)
-                indices.append(index)
-                yield str(image.path)
+            with open(spool, encoding="utf-8") as lines:
+                for line in lines:
+                    index, image_id, path, tokens, raw = json.loads(line)
+                    chosen = _sample_captions(tokens, cpi, max_len, rng)
+                    # json.dumps of a list is "[" + ", ".join(items) + "]": keep the items' text
+                    out["captions"].write(
+                        json.dumps([word_map.encode(t, max_len) for t in chosen])[1:-1])
+                    out["caplens"].write(json.dumps([len(t) + 2 for t in chosen])[1:-1])
+                    out["image_ids"].write(json.dumps(image_id))
+                    out["paths"].write(json.dumps(path))
+                    out["tokens"].write(json.dumps(tokens))
+                    out["raw"].write(json.dumps(raw))
+                    for f in out.values():
+                        f.write("\n")  # json.dumps never writes a raw newline
+                    image_ids.append(image_id)
+                    indices.append(index)
+                    yield path
+            spool.unlink()
 
         def describe(i: int) -> str:
             return source.describe(indices[i])
