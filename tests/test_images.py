@@ -207,3 +207,20 @@ def test_writer_takes_a_lazy_iterator_and_checks_its_length(tmp_path, num_worker
                          progress=False, num_images=3)
     with h5py.File(tmp_path / "x.hdf5", "r") as h:
         np.testing.assert_array_equal(h["images"][:], np.stack([load_image(p, 16) for p in paths]))
+
+
+@pytest.mark.parametrize("n", [30, 37, 48])
+def test_blocks_and_small_tail_chunks_keep_every_row_in_order(tmp_path, monkeypatch, n):
+    """Chunks of 2 (tail chunks of 1) with 2 workers: blocks of 16, the last split into a head
+    and a 4-image tail (or all tail, or a full last block); unreadable images in both parts."""
+    monkeypatch.setattr(images, "CHUNKSIZE", 2)
+    monkeypatch.setattr(images, "TAIL_CHUNKSIZE", 1)
+    bad = {3, n - 2}
+    paths = _files(tmp_path, n, bad=bad)
+    errors = []
+    with ImageWriter(16, 2) as writer:
+        kept = writer.write(tmp_path / "x.hdf5", paths, attrs={},
+                            on_error=lambda i, path, msg: errors.append(i), progress=False)
+    assert errors == sorted(bad) and kept == [i for i in range(n) if i not in bad]
+    with h5py.File(tmp_path / "x.hdf5", "r") as h:
+        np.testing.assert_array_equal(h["images"][:], np.stack([load_image(paths[i], 16) for i in kept]))

@@ -39,6 +39,7 @@ from captioner.allocator import keep_freed_memory
 # the main process 0.1 s more CPU per 2,000 images than 32); at most two blocks of
 # CHUNKSIZE * workers * 4 images are in flight, so memory does not grow with the split.
 CHUNKSIZE = 32
+TAIL_CHUNKSIZE = 4  # for the last CHUNKSIZE * workers images of a split
 DEFAULT_DRAFT_MIN_RATIO = 0.8
 
 #: Exceptions that mean "this file is not a readable image" (skipped or reported, never fatal
@@ -256,8 +257,16 @@ class ImageWriter:
         block = CHUNKSIZE * self.num_workers * 4
         pending: deque = deque()
         while chunk := list(itertools.islice(tasks, block)):
-            pending.append(self._pool.imap(_write_task, chunk, CHUNKSIZE))
-            if len(pending) == 2:
+            if len(chunk) < block:
+                # The split's last tasks go out in small chunks, so the workers finish
+                # together instead of one idling while another decodes a whole chunk.
+                tail = min(len(chunk), self.num_workers * CHUNKSIZE)
+                if len(chunk) > tail:
+                    pending.append(self._pool.imap(_write_task, chunk[:-tail], CHUNKSIZE))
+                pending.append(self._pool.imap(_write_task, chunk[-tail:], TAIL_CHUNKSIZE))
+            else:
+                pending.append(self._pool.imap(_write_task, chunk, CHUNKSIZE))
+            while len(pending) >= 2:
                 yield from pending.popleft()
         while pending:
             yield from pending.popleft()
