@@ -19,8 +19,9 @@ caption, comes before any image is decoded) and copies each usable image's id, p
 captions as a JSON line to its split's spool file (temp disk about the JSON's size, never
 memory); then one pass per split over its spool samples the captions, appends each image's
 JSON text to scratch files and hands the image to the decode workers as it goes; the split's
-JSON temp files are then assembled from the scratch lines of the images that were kept. Only the split being decoded keeps per-image data (its ids and JSON positions, 16 bytes
-an image). The outputs are byte for byte what ``json.dumps`` of the whole lists gives.
+JSON temp files are then assembled from the scratch lines of the images that were kept. Only
+the split being decoded keeps per-image data (its ids and JSON positions, 16 bytes an image).
+The outputs are byte for byte what ``json.dumps`` of the whole lists gives.
 
 Run alone with ``python -m captioner.data.preprocess --help``.
 """

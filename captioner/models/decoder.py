@@ -192,12 +192,13 @@ class AttentionLSTMDecoder(nn.Module):
         order = sorted(range(num_rows), key=lambda n: -decode_lengths[n])  # stable, longest first
         active = [sum(1 for d in decode_lengths if d > t) for t in range(max_steps)]
         device = captions.device
-        order_t = torch.tensor(order).to(device, non_blocking=True)
-        inverse = torch.tensor(order).argsort().to(device, non_blocking=True)
+        order_host = torch.tensor(order)
+        inverse = order_host.argsort().to(device, non_blocking=True)
         # Flat (row, step) positions of the real tokens in the sorted (N, L) layout, row-major.
-        sorted_steps = torch.tensor([decode_lengths[n] for n in order])
+        sorted_steps = torch.tensor(decode_lengths)[order_host]
         real = (torch.arange(max_steps) < sorted_steps[:, None]).view(-1).nonzero().squeeze(1)
         real = real.to(device, non_blocking=True)
+        order_t = order_host.to(device, non_blocking=True)
         features, projected, h, c, captions = (x.index_select(0, order_t)
                                                for x in (features, projected, h, c, captions))
         embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
