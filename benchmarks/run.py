@@ -81,7 +81,7 @@ class Sizes:
     max_len: int = 50  # caption rows hold max_len + 2 ids
     mean_words: float = 11.5  # COCO-like caption lengths: clipped normal over words
     std_words: float = 2.5
-    decode_batch: int = 32  # ours: images per generate() call (evaluate.py's batch_size)
+    decode_batch: int = 32  # ours: images per generate() call (evaluate.py's default is 128)
     extra_decode_batches: tuple[int, ...] = ()  # more generate() batch sizes, rows of their own
     decode_images: int = 32  # ours: images decoded per timed run
     tutorial_decode_images: int = 8  # tutorial: images decoded (one at a time) per timed run
