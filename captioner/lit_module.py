@@ -116,19 +116,6 @@ class CaptioningModule(L.LightningModule):
             raise RuntimeError("CaptioningModule has no word map: pass word_map= or load a checkpoint")
         return self.word_map
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move the batch to ``device``, except the caption lengths.
-
-        The decoder reads the lengths on the host (its per-step batch sizes). Left there, they
-        cost no host sync per step, and :class:`Captioner` copies them to the device without
-        waiting.
-        """
-        if isinstance(batch, dict) and isinstance(batch.get("lengths"), torch.Tensor):
-            rest = super().transfer_batch_to_device(
-                {k: v for k, v in batch.items() if k != "lengths"}, device, dataloader_idx)
-            return {**rest, "lengths": batch["lengths"]}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def _teacher_forced(self, batch: dict[str, Any]):
         out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
         losses = caption_loss(out.logits, out.targets, out.mask, out.alphas, self.hparams.alpha_c)

@@ -169,18 +169,6 @@ def test_checkpoints_and_latest_link(trained):
     assert run.latest_run(trained["root"] / "outputs") == trained["run_dir"].resolve()
 
 
-def test_batches_move_to_the_device_except_the_caption_lengths(trained):
-    """The decoder reads lengths on the host: Lightning's transfer leaves them there."""
-    batch = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
-             "captions": torch.zeros(2, 5, 7, dtype=torch.long),
-             "lengths": torch.full((2, 5), 3), "image_ids": torch.tensor([4, 9]),
-             "references": [[["a"]], [["b"]]]}
-    moved = trained["model"].transfer_batch_to_device(batch, torch.device("meta"), 0)
-    assert {k: v.device.type for k, v in moved.items() if torch.is_tensor(v)} == {
-        "images": "meta", "captions": "meta", "image_ids": "meta", "lengths": "cpu"}
-    assert moved["lengths"] is batch["lengths"] and moved["references"] == batch["references"]
-
-
 def test_checkpoint_contents(trained):
     checkpoint = torch.load(trained["run_dir"] / "checkpoints" / "best.ckpt", weights_only=True)
     prepared = json.loads((trained["data_dir"] / "shapes" / "prepared" / f"WORDMAP_{DATA_NAME}.json").read_text())
