@@ -179,7 +179,8 @@ class _DoneFlag:
     t + 1 has been queued, so the host never waits for the step it has just queued and the GPU
     never idles while the host queues the next one. The loop may then run one step past the
     stop; stopped rows are frozen (a zero-cost ``<end>`` no-op), so the hypotheses are the same.
-    Elsewhere the flag is read at once.
+    (The flag only ever turns from False to True, so a late read can delay the exit, never
+    cause a wrong one.) Elsewhere the flag is read at once.
     """
 
     def __init__(self, device: torch.device):
@@ -190,11 +191,11 @@ class _DoneFlag:
             self.calls = 0
 
     def __call__(self, flag: Tensor) -> bool:
-        if not self.lagged:
+        if not self.lagged or flag.device.type != "cuda":
             return bool(flag)
         slot = self.calls % 2
         self.host[slot].copy_(flag, non_blocking=True)
-        self.events[slot].record()
+        self.events[slot].record(torch.cuda.current_stream(flag.device))  # the copy's stream
         self.calls += 1
         if self.calls == 1:
             return False
