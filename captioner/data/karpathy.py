@@ -200,7 +200,7 @@ def _parse_image(json_path: Path, image_folder: Path, index: int, entry) -> Karp
                 raise ValueError(f"{where}: missing field 'sentences'[{k}][{key!r}]")
         toks = sentence["tokens"]
         if (not isinstance(toks, list) or not toks
-                or set(map(type, toks)) != {str} or "" in toks):  # C loops: every pass runs this
+                or set(map(type, toks)) != {str} or "" in toks):  # C loops: runs for every caption
             raise ValueError(f"{where}: field 'sentences'[{k}]['tokens'] must be a non-empty "
                              f"list of non-empty strings, got {toks!r:.60}")
         if not isinstance(sentence["raw"], str):

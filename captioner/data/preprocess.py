@@ -300,7 +300,7 @@ class _Source:
 
 @dataclass
 class _Survey:
-    """What the validating pass learns: per-split counts, never captions.
+    """What the validating pass learns: per-split counts (the captions go to the spools).
 
     Attributes:
         num_planned: per split, images with a caption of at most ``max_len`` tokens.
@@ -485,8 +485,9 @@ def _stage_split(source: _Source, spool: Path, writer: ImageWriter, word_map: Wo
         def describe(i: int) -> str:
             return source.describe(indices[i])
 
-        tmp_h5, failed = _stage_images(writer, planned(), num_planned, image_ids, describe, split, files.images, cpi, max_len, fingerprint,
-                                       skip, skipped, progress, temps)
+        tmp_h5, failed = _stage_images(writer, planned(), num_planned, image_ids, describe,
+                                       split, files.images, cpi, max_len, fingerprint, skip,
+                                       skipped, progress, temps)
     num_images = num_planned - len(failed)
 
     captions = _temp_beside(files.captions, temps)
@@ -532,7 +533,6 @@ def _temp_beside(final: Path, temps: list[Path], tag: str = "") -> Path:
     return temps[-1]
 
 
-
 def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
                   image_ids: Sequence[int],
                   describe: Callable[[int], str], split: str, final: Path, cpi: int,
@@ -540,7 +540,7 @@ def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
                   progress: bool, temps: list[Path]) -> tuple[Path, set[int]]:
     """Decode one split's images into a temp HDF5; return (temp path, indices left out).
 
-    ``planned`` yields the ``num_planned`` image files as the JSON pass reaches them;
+    ``planned`` yields the ``num_planned`` image files as the spool pass reaches them;
     ``image_ids`` is filled by that pass (for the skipped-image records).
     """
     tmp = _temp_beside(final, temps)
