@@ -306,19 +306,29 @@ for row in rows:
 """
 
 
-def isolated_rows(spec: dict) -> list[dict]:
-    """The rows of ``spec`` (one training row, or the decoding rows) in a fresh interpreter
-    (see the module docstring)."""
+def run_child(code: str, args: dict, what: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``args`` as JSON in ``sys.argv[1]`` (the repo
+    importable, as ``benchmarks``/``captioner``); returns its stdout, raises if it failed."""
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _ROW_CHILD, json.dumps(spec)], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO_ROOT,
                           env=child_env, capture_output=True, text=True, check=False)
-    rows = [json.loads(line[len("BENCH_ROW "):]) for line in proc.stdout.splitlines()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({what}, exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def isolated_rows(spec: dict) -> list[dict]:
+    """The rows of ``spec`` (one training row, or the decoding rows) in a fresh interpreter
+    (see the module docstring)."""
+    what = f"{spec['kind']}, fine_tune={spec.get('fine_tune')}"
+    rows = [json.loads(line[len("BENCH_ROW "):])
+            for line in run_child(_ROW_CHILD, spec, what).splitlines()
             if line.startswith("BENCH_ROW ")]
-    if proc.returncode != 0 or not rows:
-        raise RuntimeError(f"benchmark child failed ({spec['kind']}, fine_tune="
-                           f"{spec.get('fine_tune')}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    if not rows:
+        raise RuntimeError(f"benchmark child printed no rows ({what})")
     for row in rows:  # progress, and a record should the run be stopped before its table
         print(f"  measured: {row['name']} [{row['impl']}] {row['value']:.4g} {row['unit']}",
               flush=True)
@@ -655,12 +665,9 @@ print(json.dumps({"seconds": seconds, "images": count, "self_max_rss_kib": self_
 
 def preprocess_child(args: dict) -> dict:
     """Run one preprocessing (or plain PIL) pass in a fresh interpreter; returns its report."""
-    proc = subprocess.run([sys.executable, "-c", _PREPROCESS_CHILD, json.dumps(args)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"preprocessing benchmark child failed ({args['mode']}, "
-                           f"workers={args.get('workers')}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_child(_PREPROCESS_CHILD, args,
+                       f"preprocessing {args['mode']}, workers={args.get('workers')}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 BENCH_NAME = "bench_5_cap_per_img_1_min_word_freq"
@@ -1038,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows: list[dict] = []
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="captioner-bench-")
-    workdir = Path(args.workdir or tmp.name)
+    workdir = Path(args.workdir or tmp.name).resolve()  # children run in the repo root
     started = time.perf_counter()
     try:
         data = None
