@@ -224,3 +224,62 @@ def test_blocks_and_small_tail_chunks_keep_every_row_in_order(tmp_path, monkeypa
     assert errors == sorted(bad) and kept == [i for i in range(n) if i not in bad]
     with h5py.File(tmp_path / "x.hdf5", "r") as h:
         np.testing.assert_array_equal(h["images"][:], np.stack([load_image(paths[i], 16) for i in kept]))
+
+
+# ------------------------------------------------------------------ libjpeg-turbo fast path
+def _encoded(path: Path, kind: str, width: int, height: int) -> Path:
+    photo = Image.fromarray(_photo(width, height, seed=width))
+    save = {"420": {}, "444": {"subsampling": 0}, "422": {"subsampling": 1},
+            "progressive": {"progressive": True}}
+    if kind == "gray":
+        photo.convert("L").save(path, "JPEG", quality=90)
+    elif kind == "cmyk":
+        photo.convert("CMYK").save(path, "JPEG", quality=90)
+    elif kind == "png":
+        photo.save(path, "PNG")
+    else:
+        photo.save(path, "JPEG", quality=90, **save[kind])
+    return path
+
+
+def _pil_only(monkeypatch, path, size, ratio):
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "simplejpeg", None)
+        return load_image(path, size, draft_min_ratio=ratio)
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "422", "progressive", "gray"])
+@pytest.mark.parametrize("width,height", [(80, 60), (61, 97), (33, 31)])
+def test_fast_jpeg_path_gives_pils_pixels_at_pils_scale(tmp_path, monkeypatch, kind, width,
+                                                        height):
+    path = _encoded(tmp_path / "a.jpg", kind, width, height)
+    for size, ratio in ((32, None), (32, 1.0), (32, 0.8), (32, 0.45), (16, 0.2), (64, 0.8)):
+        fast = images._decode_jpeg(path, size, ratio)
+        assert fast is not None, (kind, size, ratio)  # the fast path really ran
+        with Image.open(path) as img:  # PIL's own draft scale for the same request
+            if ratio is not None:
+                img.draft("RGB", (images._draft_side(size, ratio),) * 2)
+            assert fast.shape == (img.size[1], img.size[0], 3)
+        np.testing.assert_array_equal(load_image(path, size, draft_min_ratio=ratio),
+                                      _pil_only(monkeypatch, path, size, ratio))
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "png"])
+def test_other_files_go_through_pil(tmp_path, monkeypatch, kind):
+    path = _encoded(tmp_path / "a.img", kind, 40, 30)
+    assert images._decode_jpeg(path, 16, 0.8) is None
+    np.testing.assert_array_equal(load_image(path, 16), _pil_only(monkeypatch, path, 16, 0.8))
+
+
+def test_a_truncated_jpeg_gets_pils_error(tmp_path):
+    path = _encoded(tmp_path / "a.jpg", "420", 80, 60)
+    path.write_bytes(path.read_bytes()[:300])
+    assert images._decode_jpeg(path, 32, 0.8) is None  # libjpeg's warning: PIL decides
+    with pytest.raises(OSError, match="(?i)truncated"):
+        load_image(path, 32)
+
+
+def test_images_above_pils_bomb_limit_go_through_pil(tmp_path, monkeypatch):
+    path = _encoded(tmp_path / "a.jpg", "420", 80, 60)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 60 - 1)
+    assert images._decode_jpeg(path, 32, 0.8) is None

@@ -7,7 +7,10 @@ on uint8, within one grey level of PIL's ``Image.resize(BILINEAR)``, the tutoria
 ``imresize``). On a COCO-sized 640x480 JPEG at S = 256 draft mode decodes at 320x240 and halves
 the decode and resize work; the pixels then differ from a full decode by about one grey level on
 average (docs/performance.md gives the measured PSNR). ``draft_min_ratio=None`` decodes every
-image in full.
+image in full. YCbCr and grayscale JPEGs are decoded by libjpeg-turbo through ``simplejpeg``
+(when installed) at the same DCT scale PIL's draft mode picks: the same library and settings,
+so the same pixels, without PIL's Python-level file parsing and extra copy. Every other file,
+and any JPEG ``simplejpeg`` rejects, goes through PIL, which also raises the errors.
 
 Writing (:class:`ImageWriter`): a split's images go into the dataset ``images`` of an HDF5 file,
 laid out as the tutorial's ``h.create_dataset('images', (N, 3, S, S), dtype='uint8')``:
@@ -32,6 +35,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+try:  # libjpeg-turbo without PIL's per-file Python overhead; PIL decodes everything without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - a declared dependency, but optional at run time
+    simplejpeg = None
 
 from captioner.allocator import keep_freed_memory
 
@@ -73,13 +81,57 @@ def load_image(path: str | os.PathLike, image_size: int,
         ValueError: ``draft_min_ratio`` outside (0, 1].
     """
     check_draft_min_ratio(draft_min_ratio)
-    with Image.open(path) as img:
-        if draft_min_ratio is not None and img.format == "JPEG":
-            side = math.ceil(image_size * draft_min_ratio)
-            img.draft("RGB", (side, side))
-        rgb = _to_rgb(img)
-        pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable
+    pixels = _decode_jpeg(path, image_size, draft_min_ratio) if simplejpeg is not None else None
+    if pixels is None:
+        with Image.open(path) as img:
+            if draft_min_ratio is not None and img.format == "JPEG":
+                img.draft("RGB", (_draft_side(image_size, draft_min_ratio),) * 2)
+            rgb = _to_rgb(img)
+            pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable
     return resize(pixels, image_size)
+
+
+def _draft_side(image_size: int, draft_min_ratio: float) -> int:
+    return math.ceil(image_size * draft_min_ratio)
+
+
+def _draft_scale(width: int, height: int, side: int) -> int:
+    """The DCT scale denominator PIL's ``JpegImageFile.draft(mode, (side, side))`` picks: the
+    largest of 8, 4, 2, 1 that keeps at least ``side`` pixels on both sides."""
+    ratio = min(width // side, height // side)
+    return next((scale for scale in (8, 4, 2) if ratio >= scale), 1)
+
+
+# JPEG colour spaces whose RGB output libjpeg-turbo gives exactly as PIL does (PIL inverts
+# Adobe CMYK/YCCK itself, so those go through PIL).
+_FAST_COLORSPACES = ("YCbCr", "Gray")
+
+
+def _decode_jpeg(path: str | os.PathLike, image_size: int,
+                 draft_min_ratio: float | None) -> np.ndarray | None:
+    """(H, W, 3) uint8 through ``simplejpeg`` at PIL's draft scale, or None to let PIL decode.
+
+    None for anything but a YCbCr or grayscale JPEG, for images above PIL's decompression-bomb
+    limit (PIL then warns or raises as usual), and for any file libjpeg-turbo reports a problem
+    with (``strict``: also recoverable ones, such as a truncated file): PIL decides about
+    those, so errors and accepted files are exactly PIL's.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _FAST_COLORSPACES or width * height > Image.MAX_IMAGE_PIXELS:
+            return None
+        scale = 1 if draft_min_ratio is None else _draft_scale(
+            width, height, _draft_side(image_size, draft_min_ratio))
+        size = (-(-height // scale), -(-width // scale))  # libjpeg's scaled size, rounded up
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0],
+                                        min_width=size[1], min_factor=scale, strict=True)
+    except ValueError:
+        return None
+    return pixels if pixels.shape == (*size, 3) else None
 
 
 def check_draft_min_ratio(draft_min_ratio: float | None) -> None:
