@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -189,36 +190,42 @@ class AttentionLSTMDecoder(nn.Module):
             features, projected, h, c = (x.repeat_interleave(captions_per_image, dim=0)
                                          for x in (features, projected, h, c))
 
-        order = sorted(range(num_rows), key=lambda n: -decode_lengths[n])  # stable, longest first
-        active = [sum(1 for d in decode_lengths if d > t) for t in range(max_steps)]
+        steps = np.array(decode_lengths, dtype=np.int64)
+        order = np.argsort(-steps, kind="stable")  # longest first
+        decoding = np.arange(max_steps)[:, None] < steps[order][None, :]  # (L, N): sorted rows
+        active = decoding.sum(axis=1).tolist()  # rows still decoding at each step
+        # Step t's outputs are rows order[0..n_t-1] at position t: their flat places in the
+        # caller's (N, L) layout, step after step (the order torch.cat(per-step outputs) has).
+        step_of, rank_of = np.nonzero(decoding)
         device = captions.device
-        order_host = torch.tensor(order)
-        inverse = order_host.argsort().to(device, non_blocking=True)
-        # Flat (row, step) positions of the real tokens in the sorted (N, L) layout, row-major.
-        sorted_steps = torch.tensor(decode_lengths)[order_host]
-        real = (torch.arange(max_steps) < sorted_steps[:, None]).view(-1).nonzero().squeeze(1)
-        real = real.to(device, non_blocking=True)
-        order_t = order_host.to(device, non_blocking=True)
+        places = torch.from_numpy(order[rank_of] * max_steps + step_of)
+        places = places.to(device, non_blocking=True)
+        order_t = torch.from_numpy(order).to(device, non_blocking=True)
         features, projected, h, c, captions = (x.index_select(0, order_t)
                                                for x in (features, projected, h, c, captions))
         embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
 
-        hidden = features.new_zeros(num_rows, max_steps, h.size(1))
-        alphas = features.new_zeros(num_rows, max_steps, features.size(1))
+        hiddens, alphas = [], []
         state = DecoderState(h, c)
         for t, n in enumerate(active):
             # Rows are sorted, so the first n rows are the ones still decoding at step t.
             state = DecoderState(state.h[:n], state.c[:n])
             state, alpha = self._recur(embedded[:n, t], state, features[:n], projected[:n])
-            hidden[:n, t] = state.h
-            alphas[:n, t] = alpha
+            hiddens.append(state.h)
+            alphas.append(alpha)
 
         # The output layer once over every real position: one large matrix product instead of
-        # one per step (the V-wide layer dominates the decoder's cost), none on padding.
-        scores = self.fc(self.dropout(hidden.view(-1, hidden.size(2)).index_select(0, real)))
-        logits = scores.new_zeros(num_rows * max_steps, self.vocab_size).index_copy(0, real, scores)
-        logits = logits.view(num_rows, max_steps, self.vocab_size)
-        return DecoderOutput(logits.index_select(0, inverse), alphas.index_select(0, inverse))
+        # one per step (the V-wide layer dominates the decoder's cost), none on padding. The
+        # per-step outputs are joined once (no per-step copies into a buffer, whose backward
+        # costs several kernels per step) and land in place in the caller's row order.
+        scores = self.fc(self.dropout(torch.cat(hiddens)))  # (sum of n_t, V)
+        logits = scores.new_zeros(num_rows * max_steps, self.vocab_size).index_copy(0, places,
+                                                                                     scores)
+        alphas = torch.cat(alphas)
+        alphas = alphas.new_zeros(num_rows * max_steps, alphas.size(1)).index_copy(0, places,
+                                                                                  alphas)
+        return DecoderOutput(logits.view(num_rows, max_steps, -1),
+                             alphas.view(num_rows, max_steps, -1))
 
 
 def load_glove_embeddings(path: str | os.PathLike, word_to_id: dict[str, int],
