@@ -12,9 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from captioner.data.dataset import EpochAwareSampler, LengthBucketSampler
 from captioner.data.datamodule import CaptionDataModule
 from captioner.vocab import WordMap
-from test_dataset import T, data_name, write_prepared
+from test_dataset import T, data_name, write_caplens, write_prepared
 
 CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -85,6 +86,64 @@ def test_train_loader_shards_across_ranks(prepared_dm):
         seen.append(torch.cat([b["image_ids"] for b in loader]).tolist())
     assert len(seen[0]) == len(seen[1]) == 5
     assert sorted(seen[0] + seen[1]) == [1000 + i for i in range(10)]
+
+
+# Longest caption per train image 0..9: sorted 3 3 3 3 | 5 5 5 8 | 8 8 in batches of 4.
+BUCKET_KEYS = [3, 8, 3, 5, 8, 3, 5, 8, 5, 3]
+
+
+@pytest.fixture
+def bucketed_dm(tmp_path):
+    folder, name = tmp_path / "prepared", data_name("coco", 3, 1)
+    write_prepared(folder, name, references=True, num_images={"train": 10, "val": 2, "test": 2})
+    write_caplens(folder, name, "train", [[2, key, 3] for key in BUCKET_KEYS])
+    return make_dm(tmp_path, bucket_by_length=True, num_workers=2, persistent_workers=False)
+
+
+def _batch_keys(batch) -> tuple[int, ...]:
+    return tuple(sorted(batch["lengths"].max(dim=1).values.tolist()))
+
+
+def test_bucketed_train_loader_groups_similar_lengths(bucketed_dm):
+    plain = make_dm(bucketed_dm.data_folder.parent).train_dataloader().sampler
+    assert type(plain) is EpochAwareSampler  # off by default
+    loader = bucketed_dm.train_dataloader()
+    assert isinstance(loader.sampler, LengthBucketSampler)
+    assert loader.sampler.batch_size == loader.batch_size == 4 and not loader.drop_last
+    orders = []
+    for epoch in (0, 1, 2):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert [_batch_keys(b) for b in batches][-1] == (8, 8)  # the partial batch stays last
+        assert sorted(map(_batch_keys, batches)) == [(3, 3, 3, 3), (5, 5, 5, 8), (8, 8)]
+        ids = torch.cat([b["image_ids"] for b in batches]).tolist()
+        assert sorted(ids) == [1000 + i for i in range(10)]
+        orders.append(ids)
+    assert len(set(map(tuple, orders))) > 1  # reshuffled across epochs
+
+
+def test_bucketed_train_loader_shards_neighbouring_lengths_across_ranks(bucketed_dm):
+    per_rank = []
+    for rank in range(2):
+        bucketed_dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = bucketed_dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        per_rank.append(list(loader))
+    assert [len(b["image_ids"]) for b in per_rank[0]] == [4, 1]  # global batches of 8, then 2
+    assert [len(b["image_ids"]) for b in per_rank[1]] == [4, 1]
+    ids = [torch.cat([b["image_ids"] for b in batches]).tolist() for batches in per_rank]
+    assert sorted(ids[0] + ids[1]) == [1000 + i for i in range(10)]
+    for step in range(2):  # one sorted global batch per step: rank 0's keys <= rank 1's
+        assert max(_batch_keys(per_rank[0][step])) <= min(_batch_keys(per_rank[1][step]))
+
+
+def test_fit_keeps_the_bucket_sampler_and_its_epochs(bucketed_dm, tmp_path):
+    model = _fit(bucketed_dm, tmp_path / "fit", max_epochs=2)
+    sampler = LengthBucketSampler(range(10), BUCKET_KEYS, batch_size=4, seed=bucketed_dm.seed)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        expected = [1000 + i for i, _ in sampler]
+        assert [i for e, i, _ in model.seen if e == epoch] == expected
 
 
 class _Recorder(pl.LightningModule):
@@ -160,6 +219,8 @@ def test_bad_arguments_are_rejected(tmp_path):
         make_dm(tmp_path, captions_per_sample=5)
     with pytest.raises(ValueError, match="synthetic is for dataset=shapes"):
         make_dm(tmp_path, synthetic={"num_train": 3})
+    with pytest.raises(ValueError, match="data.bucket_pool_batches must be >= 1, got 0"):
+        make_dm(tmp_path, bucket_by_length=True, bucket_pool_batches=0)
 
 
 def _constructor_args() -> set[str]:

@@ -1,4 +1,5 @@
-"""CaptionH5Dataset, EpochAwareSampler and collate on tiny tutorial-layout files."""
+"""CaptionH5Dataset, its samplers (EpochAwareSampler, LengthBucketSampler) and collate on tiny
+tutorial-layout files."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import pickle
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
-from captioner.data.dataset import CaptionH5Dataset, EpochAwareSampler, collate
+from captioner.data.dataset import CaptionH5Dataset, EpochAwareSampler, LengthBucketSampler, collate
 from captioner.vocab import WordMap
 
 MAX_LEN = 6
@@ -63,6 +66,12 @@ def write_prepared(folder: Path, name: str, num_images: dict[str, int] | None = 
                     "raw": [[" ".join(t).capitalize() + "." for t in ts] for ts in tokens]}
             (folder / f"{tag}_REFERENCES_{name}.json").write_text(json.dumps(refs))
     return wm
+
+
+def write_caplens(folder: Path, name: str, split: str, lengths: list[list[int]]) -> None:
+    """Overwrite a split's CAPLENS file: ``lengths[i][j]`` is the length of row ``i*cpi + j``."""
+    rows = [length for per_image in lengths for length in per_image]
+    (folder / f"{split.upper()}_CAPLENS_{name}.json").write_text(json.dumps(rows))
 
 
 @pytest.fixture
@@ -201,6 +210,141 @@ def test_sampler_shards_disjointly_across_ranks(prepared):
         assert all(epoch == 4 for _, epoch in pairs) and len(pairs) == 3
         shards.append([i for i, _ in pairs])
     assert sorted(shards[0] + shards[1]) == list(range(6))
+
+
+def test_max_caption_lengths_take_the_longest_row_per_image(prepared):
+    folder, name, _ = prepared
+    lengths = [[3, 8, 2], [5, 5, 5], [2, 2, 7], [6, 4, 3], [2, 2, 2], [4, 8, 8]]
+    write_caplens(folder, name, "train", lengths)
+    ds = CaptionH5Dataset(folder, name, "train", captions_per_sample=1)
+    keys = ds.max_caption_lengths
+    assert keys.dtype == np.int64 and keys.shape == (6,)
+    assert keys.tolist() == [8, 5, 7, 6, 2, 8]
+    for i in range(6):  # an upper bound of whatever rows an epoch picks
+        assert all(int(ds[(i, e)]["lengths"].max()) <= keys[i] for e in range(3))
+
+
+def _bucket_streams(lengths, num_replicas: int, epoch: int = 0, **kwargs) -> list[list[tuple]]:
+    """The (index, epoch) pairs every rank yields in ``epoch``."""
+    dataset = range(len(lengths))
+    streams = []
+    for rank in range(num_replicas):
+        sampler = LengthBucketSampler(dataset, lengths, num_replicas=num_replicas, rank=rank,
+                                      **kwargs)
+        sampler.set_epoch(epoch)
+        streams.append(list(sampler))
+        assert len(sampler) == sampler.num_samples == len(streams[-1])
+    return streams
+
+
+@pytest.mark.parametrize("n, num_replicas, drop_last", [
+    (64, 1, False), (37, 1, False), (37, 2, False), (37, 3, False), (37, 3, True), (5, 4, False),
+    (2, 3, False)])
+def test_bucket_sampler_covers_what_the_distributed_sampler_covers(n, num_replicas, drop_last):
+    rng = np.random.default_rng(n)
+    lengths = rng.integers(4, 30, n)
+    streams = _bucket_streams(lengths, num_replicas, epoch=5, batch_size=4, seed=2,
+                              drop_last=drop_last, pool_batches=2)
+    expected = []
+    for rank in range(num_replicas):
+        plain = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, seed=2,
+                                   drop_last=drop_last)
+        plain.set_epoch(5)
+        expected += list(plain)
+        assert len(streams[rank]) == plain.num_samples  # every rank the same number of items
+    assert all(epoch == 5 for stream in streams for _, epoch in stream)
+    assert sorted(i for stream in streams for i, _ in stream) == sorted(expected)  # same padding
+
+
+def test_bucket_sampler_is_deterministic_per_seed_and_epoch():
+    lengths = np.random.default_rng(1).integers(4, 30, 200)
+    kwargs = dict(batch_size=8, seed=4, pool_batches=3)
+    first = _bucket_streams(lengths, 2, epoch=1, **kwargs)
+    assert first == _bucket_streams(lengths, 2, epoch=1, **kwargs)
+    assert first != _bucket_streams(lengths, 2, epoch=2, **kwargs)
+    assert first != _bucket_streams(lengths, 2, epoch=1, **{**kwargs, "seed": 5})
+
+
+@pytest.mark.parametrize("num_replicas, batch_size", [(1, 8), (2, 4)])
+def test_bucket_sampler_batches_are_homogeneous(num_replicas, batch_size):
+    lengths = np.repeat([3, 7, 11], 32)  # every value fills whole global batches of 8
+    np.random.default_rng(0).shuffle(lengths)
+    streams = _bucket_streams(lengths, num_replicas, batch_size=batch_size, pool_batches=100)
+    for stream in streams:
+        keys = lengths[[i for i, _ in stream]]
+        chunks = keys.reshape(-1, batch_size)  # the DataLoader's batches
+        assert all(len(set(chunk)) == 1 for chunk in chunks)
+        assert len(set(chunks[:, 0])) == 3 and not np.all(np.diff(chunks[:, 0]) >= 0)  # shuffled
+
+
+def test_bucket_sampler_needs_fewer_decoder_steps_than_plain_shuffling():
+    rng = np.random.default_rng(3)
+    lengths = np.clip(np.round(rng.normal(11.5, 2.5, (640, 5))), 1, 50).max(axis=1) + 2
+    bucketed = [lengths[[i for i, _ in s]] for s in _bucket_streams(lengths, 1, batch_size=32)]
+    plain = EpochAwareSampler(range(640), seed=0)
+    shuffled = lengths[[i for i, _ in plain]]
+    steps = [int(keys.reshape(-1, 32).max(axis=1).sum()) for keys in (bucketed[0], shuffled)]
+    assert steps[0] < steps[1] - 2 * 20  # 20 batches, >= 2 steps fewer each (338 vs 405)
+
+
+def test_bucket_sampler_ranks_share_one_sorted_global_batch_per_step():
+    lengths = np.random.default_rng(2).integers(4, 30, 75)
+    sampler = LengthBucketSampler(range(75), lengths, batch_size=4, num_replicas=2, rank=0,
+                                  seed=1, pool_batches=3)
+    sampler.set_epoch(3)
+    batches = sampler.global_batches()
+    assert sum(map(len, batches)) == sampler.total_size == 76
+    assert [len(b) for b in batches] == [8] * 9 + [4]  # the partial batch stays last
+    streams = _bucket_streams(lengths, 2, epoch=3, batch_size=4, seed=1, pool_batches=3)
+    indices = [np.array([i for i, _ in s]) for s in streams]
+    steps = [np.split(ix, [4 * k for k in range(1, 10)]) for ix in indices]  # 9 of 4, 1 of 2
+    for step, batch in enumerate(batches):
+        assert np.array_equal(np.concatenate([steps[0][step], steps[1][step]]), batch)
+        keys = lengths[batch]
+        assert np.all(np.diff(keys) >= 0)  # so rank 0's keys <= rank 1's at every step
+        assert lengths[steps[0][step]].max() <= lengths[steps[1][step]].min()
+
+
+def test_bucket_sampler_without_shuffle_is_a_stable_sort_per_pool():
+    lengths = np.random.default_rng(5).integers(4, 9, 40)
+    sampler = LengthBucketSampler(range(40), lengths, batch_size=4, shuffle=False,
+                                  pool_batches=5)
+    order = np.array([i for i, _ in sampler])
+    for start in (0, 20):  # two pools of 5 batches of 4
+        pool = np.arange(start, start + 20)
+        stable = pool[np.argsort(lengths[pool], kind="stable")]
+        assert np.array_equal(order[start:start + 20], stable)
+
+
+def test_bucket_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"lengths must hold one number per item .*\(10,\)"):
+        LengthBucketSampler(range(10), [5] * 9, batch_size=2)
+    with pytest.raises(ValueError, match="lengths must hold one number"):
+        LengthBucketSampler(range(2), ["a", "b"], batch_size=2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        LengthBucketSampler(range(3), [5, 6, 7], batch_size=0)
+    with pytest.raises(ValueError, match="pool_batches must be >= 1, got 0"):
+        LengthBucketSampler(range(3), [5, 6, 7], batch_size=2, pool_batches=0)
+    with pytest.raises(ValueError, match="rank"):
+        LengthBucketSampler(range(3), [5, 6, 7], batch_size=2, num_replicas=2, rank=2)
+
+
+def test_bucket_sampler_epoch_reaches_workers(prepared):
+    folder, name, _ = prepared
+    write_caplens(folder, name, "train", [[3, 8, 2], [5, 5, 5], [2, 2, 7], [6, 4, 3],
+                                          [2, 2, 2], [4, 8, 8]])
+    ds = CaptionH5Dataset(folder, name, "train", captions_per_sample=1, seed=3)
+    sampler = LengthBucketSampler(ds, ds.max_caption_lengths, batch_size=2, seed=3)
+    loader = DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate, num_workers=2)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = [i for i, _ in sampler]
+        batches = list(loader)
+        expected = torch.stack([ds[(i, epoch)]["captions"] for i in order])
+        assert torch.equal(torch.cat([b["captions"] for b in batches]), expected)
+        keys = sorted(tuple(sorted(ds.max_caption_lengths[[i - 1000 for i in b["image_ids"]]]))
+                      for b in batches)
+        assert keys == [(2, 5), (6, 7), (8, 8)]  # the sorted keys 2 5 | 6 7 | 8 8, in some order
 
 
 @pytest.mark.slow

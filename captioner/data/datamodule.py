@@ -9,6 +9,12 @@ the start of every epoch, including after a resume, so the shuffling order and t
 resumed run, for any number of (persistent, forked or spawned) workers. The module therefore
 keeps no state of its own to checkpoint. (``Trainer(overfit_batches=...)`` swaps in a plain
 sequential sampler; items then use the dataset's own epoch, 0, so the rows stay fixed.)
+
+With ``bucket_by_length=True`` the train sampler is a
+:class:`~captioner.data.dataset.LengthBucketSampler` instead: the same ``DistributedSampler``
+contract (kept under DDP, ``set_epoch``, ``(index, epoch)`` pairs, order fixed by
+``(seed, epoch)``), but each batch holds images of similar longest caption, so the decoder runs
+fewer steps per batch. Val and test loaders are never bucketed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from captioner.data.dataset import (SPLITS, QUICKSTART_HINT, CaptionH5Dataset, EpochAwareSampler,
-                                    collate)
+                                    LengthBucketSampler, collate)
 from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO
 from captioner.data.preprocess import data_name, split_files, word_map_file
 from captioner.vocab import WordMap
@@ -71,6 +77,9 @@ class CaptionDataModule(LightningDataModule):
             :func:`captioner.data.images.load_image`).
         seed: seed of preprocessing, of the train shuffling and of the caption-row choice.
         synthetic: keyword arguments of ``generate_shapes`` (``shapes`` only).
+        bucket_by_length: train batches group images of similar longest caption
+            (:class:`~captioner.data.dataset.LengthBucketSampler`); False = plain shuffling.
+        bucket_pool_batches: batches per length-sorted pool when ``bucket_by_length``.
     """
 
     def __init__(self, dataset: str, data_folder: str | os.PathLike, karpathy_json: str | os.PathLike,
@@ -81,14 +90,16 @@ class CaptionDataModule(LightningDataModule):
                  multiprocessing_context: str | None = None, skip_bad_images: bool = False,
                  overwrite: bool = False, preprocess_workers: int | None = None,
                  draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO, seed: int = 123,
-                 synthetic: Mapping[str, Any] | None = None):
+                 synthetic: Mapping[str, Any] | None = None, bucket_by_length: bool = False,
+                 bucket_pool_batches: int = 50):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
         if captions_per_sample is not None and not 1 <= captions_per_sample <= captions_per_image:
             raise ValueError(f"data.captions_per_sample must be in 1..{captions_per_image} "
                              f"(data.captions_per_image), got {captions_per_sample}")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
+                           ("bucket_pool_batches", bucket_pool_batches)):
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         if synthetic is not None and dataset != "shapes":
@@ -114,6 +125,8 @@ class CaptionDataModule(LightningDataModule):
         self.draft_min_ratio = draft_min_ratio
         self.seed = int(seed)
         self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.bucket_by_length = bool(bucket_by_length)
+        self.bucket_pool_batches = int(bucket_pool_batches)
         self.datasets: dict[str, CaptionH5Dataset] = {}
         self._word_map: WordMap | None = None
 
@@ -248,13 +261,24 @@ class CaptionDataModule(LightningDataModule):
             multiprocessing_context=self.multiprocessing_context if workers else None)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch (seeded by ``seed + epoch``), sharded across DDP ranks."""
+        """Shuffled per epoch (seeded by ``seed + epoch``), sharded across DDP ranks.
+
+        With ``bucket_by_length`` the batches are length-bucketed (see the module docstring).
+        """
         dataset = self._dataset("train")
         trainer = self.trainer
         num_replicas = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        sampler = EpochAwareSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-                                    seed=self.seed, drop_last=False)
+        if self.bucket_by_length:
+            # Its chunks of batch_size are the bucketed batches: _loader uses the same
+            # batch_size and drop_last=False.
+            sampler = LengthBucketSampler(dataset, dataset.max_caption_lengths,
+                                          batch_size=self.batch_size, num_replicas=num_replicas,
+                                          rank=rank, shuffle=True, seed=self.seed,
+                                          drop_last=False, pool_batches=self.bucket_pool_batches)
+        else:
+            sampler = EpochAwareSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                        shuffle=True, seed=self.seed, drop_last=False)
         return self._loader(dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:

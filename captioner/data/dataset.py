@@ -28,7 +28,8 @@ Sampling ``k < cpi`` caption rows per training image is deterministic: the rows 
 The epoch reaches the worker processes inside the index: :class:`EpochAwareSampler` yields
 ``(index, epoch)`` pairs, so it works with any number of (persistent) workers and with the
 ``spawn`` start method. :meth:`CaptionH5Dataset.set_epoch` sets the epoch used for plain
-integer indices.
+integer indices. :class:`LengthBucketSampler` is the same with batches of similar caption
+length (keyed by :attr:`CaptionH5Dataset.max_caption_lengths`), for fewer decoder steps.
 """
 
 from __future__ import annotations
@@ -231,6 +232,20 @@ class CaptionH5Dataset(Dataset):
             picks = np.sort(rng.permutation(cpi)[:k]).astype(np.int64)
         return index * cpi + picks
 
+    @property
+    def max_caption_lengths(self) -> np.ndarray:
+        """Per image, the longest of its ``cpi`` caption rows: the length-bucketing key.
+
+        Lengths count ``<start>`` and ``<end>``, so a batch of these images runs
+        ``max - 1`` decoder steps. With ``captions_per_sample < cpi`` the rows an epoch uses
+        may all be shorter, so the value is an upper bound of that epoch's longest row.
+
+        Returns:
+            (N,) int64, ``max(lengths of rows i*cpi .. i*cpi + cpi - 1)`` for image ``i``.
+        """
+        cpi = self.captions_per_image
+        return self._caplens.reshape(self.num_images, cpi).max(axis=1)  # (N, cpi) -> (N,)
+
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
         return self.num_images
@@ -323,6 +338,104 @@ class EpochAwareSampler(DistributedSampler):
             yield int(index), epoch
 
 
+class LengthBucketSampler(EpochAwareSampler):
+    """An :class:`EpochAwareSampler` whose batches hold items of similar length.
+
+    The decoder runs ``max(lengths) - 1`` steps per batch and on a GPU each step costs about
+    the same (launch-bound) time however many captions are still running, so batches of
+    similar caption length need fewer steps. Each epoch:
+
+    1. the global index list of :class:`~torch.utils.data.distributed.DistributedSampler`
+       before sharding: a permutation seeded by ``seed + epoch`` (``range`` without
+       ``shuffle``), padded by repeating from its start (or truncated with ``drop_last``) to
+       ``total_size = num_samples * num_replicas``;
+    2. cut into pools of ``pool_batches * batch_size * num_replicas`` consecutive indices,
+       each sorted by ``lengths`` (stable: ties keep the permutation's order);
+    3. each pool cut into global batches of ``G = batch_size * num_replicas``; with
+       ``shuffle`` the full global batches of the epoch are put in an order drawn from the
+       same generator, so long batches are not clustered. A last global batch with fewer than
+       ``G`` items (a multiple of ``num_replicas``) stays last;
+    4. rank ``r`` takes items ``r*batch_size .. (r+1)*batch_size - 1`` of each full global
+       batch and the ``r``-th of ``num_replicas`` equal contiguous parts of the last partial one.
+
+    Every rank yields ``num_samples`` pairs ``(index, epoch)`` (the same multiset of indices
+    over all ranks as the plain sampler's), and at each step the ranks hold neighbouring
+    slices of one sorted global batch, so under DDP they also wait less for each other. The
+    order depends only on ``(seed, epoch)``. The DataLoader must use the same ``batch_size``
+    and ``drop_last=False``: its consecutive chunks of ``batch_size`` are then exactly the
+    bucketed batches.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        lengths: (N,) numbers, the sort key of each of the ``N = len(dataset)`` items, for
+            example :attr:`CaptionH5Dataset.max_caption_lengths`.
+        batch_size: items per batch on each rank (the DataLoader's ``batch_size``).
+        num_replicas: number of ranks (1 without DDP).
+        rank: this rank, ``0..num_replicas-1``.
+        shuffle: permute the indices and the batch order each epoch.
+        seed: seed of the permutations.
+        drop_last: drop the tail instead of padding it (as ``DistributedSampler`` does).
+        pool_batches: global batches per sorted pool; larger pools give more uniform batches,
+            smaller ones keep more of the permutation's randomness.
+    """
+
+    def __init__(self, dataset: Sequence, lengths: Sequence[int] | np.ndarray, batch_size: int,
+                 num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, pool_batches: int = 50):
+        keys = np.asarray(lengths)
+        if keys.ndim != 1 or keys.shape[0] != len(dataset) or keys.dtype.kind not in "iuf":
+            raise ValueError(f"lengths must hold one number per item of the dataset, shape "
+                             f"({len(dataset)},); got {keys.dtype} {keys.shape}")
+        for name, value in (("batch_size", batch_size), ("pool_batches", pool_batches),
+                            ("num_replicas", num_replicas)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.lengths = keys.copy()
+        self.batch_size = int(batch_size)
+        self.pool_batches = int(pool_batches)
+
+    def global_batches(self) -> list[np.ndarray]:
+        """This epoch's global batches, in the order the ranks take them.
+
+        Returns:
+            int64 arrays of ``batch_size * num_replicas`` dataset indices, each sorted by
+            length, plus possibly a shorter last one; ``total_size`` indices in all.
+        """
+        n = len(self.dataset)
+        generator = None
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator).numpy()
+        else:
+            order = np.arange(n, dtype=np.int64)
+        # Cyclic repeat from the start (padding) or truncation (drop_last): DistributedSampler's.
+        order = np.resize(order, self.total_size).astype(np.int64)
+        size = self.batch_size * self.num_replicas
+        pool = self.pool_batches * size
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = order[start:start + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+        # Pools are whole multiples of the global batch: only the very last batch can be short.
+        full = [b for b in batches if len(b) == size]
+        tail = batches[len(full):]
+        if generator is not None and len(full) > 1:
+            full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return full + tail
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        size = self.batch_size * self.num_replicas
+        for batch in self.global_batches():
+            share = self.batch_size if len(batch) == size else len(batch) // self.num_replicas
+            for index in batch[self.rank * share:(self.rank + 1) * share]:
+                yield int(index), epoch
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack items of :class:`CaptionH5Dataset` into the batch dict (see the module docstring).
 
@@ -354,5 +467,5 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-__all__ = ["CaptionH5Dataset", "EpochAwareSampler", "collate",
+__all__ = ["CaptionH5Dataset", "EpochAwareSampler", "LengthBucketSampler", "collate",
            "SPLITS", "QUICKSTART_HINT"]
