@@ -96,6 +96,11 @@ class Sizes:
     loader_batch: int = 32
     loader_batches: int = 10  # batches per timed loader run
     train_loader_batches: int = 3  # training steps per timed run with the loader in the loop
+    # Untimed steps before the loader rows' timed runs, timed in windows of train_loader_batches
+    # steps (the JSON's warmup_images_per_s shows how the rate settles). On CUDA every new
+    # caption-length mix brings new per-step shapes (allocator blocks, GEMM heuristics), so an
+    # epoch's rate is a steady-state rate, reached only after many batches.
+    train_loader_warmup: int = TRAIN_WARMUP_STEPS
 
 
 FULL = Sizes()
@@ -103,7 +108,8 @@ FULL = Sizes()
 # A GPU decodes a batch of 32 images at a cost set by kernel launches, not arithmetic; the
 # batch-128 rows show what evaluate.py batch_size=128 gives there.
 FULL_CUDA = dataclasses.replace(FULL, decode_images=128, tutorial_decode_images=16,
-                                extra_decode_batches=(128,))
+                                extra_decode_batches=(128,), train_loader_batches=20,
+                                train_loader_warmup=160)
 QUICK = Sizes(arch="resnet18", image_size=64, encoded_image_size=4, last_stage=3,
               batch_images=4, tutorial_batch=4, vocab_size=500, embed_dim=32, decoder_dim=32,
               attention_dim=32, decode_batch=4, decode_images=4, tutorial_decode_images=2,
@@ -275,8 +281,10 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         # pinned, and the same loader's batches collected before the timed steps.
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
-        variants = ([(False, "pinned"), (True, "pinned"), (False, "unpinned"),
-                     (False, "preloaded")] if device.type == "cuda" else [(False, "pinned")])
+        # Both with length-bucketed batches too (data.bucket_by_length, the coco experiments).
+        variants = ([(False, "pinned"), (False, "bucketed"), (True, "pinned"), (True, "bucketed"),
+                     (False, "unpinned"), (False, "preloaded")] if device.type == "cuda"
+                    else [(False, "pinned"), (False, "bucketed")])
         for fine_tune, variant in variants:
             specs.append({**base, "kind": "loader", "fine_tune": fine_tune, "variant": variant,
                           "workers": loader_workers, "data": data_spec})
@@ -409,7 +417,8 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
 
     The same model, step and warm-up as the synthetic ``train frozen encoder`` (or fine-tuned)
     row; the only difference is where the batches come from (a new one from the loader every
-    step). ``variant``: ``pinned`` (pin_memory on CUDA, as training runs), ``unpinned``, or
+    step). ``variant``: ``pinned`` (pin_memory on CUDA, as training runs), ``bucketed`` (the
+    same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``unpinned``, or
     ``preloaded`` (every batch the run needs taken from the loader before the timed steps, so
     the steps see the loader's batches without the loader running beside them).
     """
@@ -422,40 +431,53 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
                                    vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids)
     step = ours_train_step(module, optimizer, device)
     batches = endless_batches(dataset, sizes.batch_images, workers, device,
-                              pin_memory=variant != "unpinned")
-    n = sizes.train_loader_batches
+                              pin_memory=variant != "unpinned", bucketed=variant == "bucketed")
+    n, warmup = sizes.train_loader_batches, sizes.train_loader_warmup
     if variant == "preloaded":
-        taken = [next(batches) for _ in range(TRAIN_WARMUP_STEPS + repeats * n)]
+        taken = [next(batches) for _ in range(warmup + repeats * n)]
         batches.close()  # stops the loader's workers
         batches = iter(taken)
-    for _ in range(TRAIN_WARMUP_STEPS):
-        step(next(batches))
+    decoder_steps = []  # per timed batch: max(lengths) - 1 steps of the decoder loop
 
-    def run() -> None:
-        for _ in range(n):
-            step(next(batches))
+    def run(count: int = n, record: bool = True) -> None:
+        for _ in range(count):
+            batch = next(batches)
+            if record:
+                decoder_steps.append(int(batch["lengths"].max()) - 1)
+            step(batch)
 
+    warmup_rates = []  # images/s of each window of warm-up steps
+    for start in range(0, warmup, n):
+        count = min(n, warmup - start)
+        sync(device)
+        began = time.perf_counter()
+        run(count, record=False)
+        sync(device)
+        warmup_rates.append(count * sizes.batch_images / (time.perf_counter() - began))
     cuda_peak_reset(device)
     times, usage = measure_with_usage(run, repeats, device, warmup=0)
     per_s = n * sizes.batch_images / statistics.median(times)
     label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
-    label += {"pinned": " + HDF5 loader", "unpinned": " + HDF5 loader (pin_memory=False)",
+    label += {"pinned": " + HDF5 loader", "bucketed": " + HDF5 loader, length-bucketed batches",
+              "unpinned": " + HDF5 loader (pin_memory=False)",
               "preloaded": ", HDF5 loader batches taken before the timed steps"}[variant]
     return rate(f"train {label}", "train", "ours", "images/s",
                 n * sizes.batch_images, times, loader_workers=workers, variant=variant,
                 **({"coco_epoch_min": COCO_TRAIN_IMAGES / per_s / 60.0}
-                   if variant == "pinned" else {}),
+                   if variant in ("pinned", "bucketed") else {}),
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
-                warmup_steps=TRAIN_WARMUP_STEPS, **per_step(usage, n), **cuda_peak_mib(device))
+                decoder_steps_per_batch=statistics.mean(decoder_steps), warmup_steps=warmup,
+                warmup_images_per_s=warmup_rates, **per_step(usage, n), **cuda_peak_mib(device))
 
 
 def endless_batches(dataset, batch_size: int, workers: int, device: torch.device,
-                    pin_memory: bool = True) -> Iterator[dict]:
+                    pin_memory: bool = True, bucketed: bool = False) -> Iterator[dict]:
     """Batches from a persistent-worker DataLoader, epoch after epoch (sampler epochs advance);
-    pinned on CUDA unless ``pin_memory`` is False."""
-    from captioner.data.dataset import EpochAwareSampler, collate
+    pinned on CUDA unless ``pin_memory`` is False; length-bucketed when ``bucketed``."""
+    from captioner.data.dataset import EpochAwareSampler, LengthBucketSampler, collate
 
-    sampler = EpochAwareSampler(dataset, shuffle=True, seed=0)
+    sampler = (LengthBucketSampler(dataset, dataset.max_caption_lengths, batch_size, seed=0)
+               if bucketed else EpochAwareSampler(dataset, shuffle=True, seed=0))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=pin_memory and device.type == "cuda", persistent_workers=workers > 0,
@@ -920,6 +942,12 @@ TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, 
     ("train frozen: + HDF5 loader / synthetic batch images/s, default malloc",
      ("train frozen encoder + HDF5 loader", "ours"),
      ("train frozen encoder", "ours", "images_per_s"), "(report)"),
+    ("train frozen + HDF5 loader: length-bucketed / plain batches images/s",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"),
+     ("train frozen encoder + HDF5 loader", "ours"), "(report)"),
+    ("train frozen + HDF5 loader: length-bucketed / plain batches, keep_freed_memory",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches" + KEEP, "ours"),
+     ("train frozen encoder + HDF5 loader" + KEEP, "ours"), "(report)"),
     ("train frozen, ours: keep_freed_memory / default malloc",
      ("train frozen encoder" + KEEP, "ours"), ("train frozen encoder", "ours"),
      "(report; CPU page-fault cost)"),
@@ -982,6 +1010,8 @@ def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
                      f"{r['sys_s_per_step']:.2f} s sys per step")
         if "cuda_max_memory_allocated_mib" in r:
             extra = f"  peak {r['cuda_max_memory_allocated_mib']:.0f} MiB"
+        if "decoder_steps_per_batch" in r:
+            extra += f", {r['decoder_steps_per_batch']:.1f} decoder steps per batch"
         if "largest_worker_mib" in r:
             extra = f"  largest worker {r['largest_worker_mib']:.0f} MiB"
         if "mean_abs_diff" in r:
