@@ -282,12 +282,16 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
         # Both with length-bucketed batches too (data.bucket_by_length, the coco experiments).
+        # On CUDA also frozen with PyTorch's expandable-segments allocator: new caption-length
+        # mixes keep asking the caching allocator for new block sizes.
         variants = ([(False, "pinned"), (False, "bucketed"), (True, "pinned"), (True, "bucketed"),
-                     (False, "unpinned"), (False, "preloaded")] if device.type == "cuda"
-                    else [(False, "pinned"), (False, "bucketed")])
+                     (False, "expandable"), (False, "unpinned"), (False, "preloaded")]
+                    if device.type == "cuda" else [(False, "pinned"), (False, "bucketed")])
         for fine_tune, variant in variants:
             specs.append({**base, "kind": "loader", "fine_tune": fine_tune, "variant": variant,
-                          "workers": loader_workers, "data": data_spec})
+                          "workers": loader_workers, "data": data_spec,
+                          **({"cuda_alloc_conf": "expandable_segments:True"}
+                             if variant == "expandable" else {})})
     if keep_applies(device):
         specs += [{**spec, "keep_freed_memory": True} for spec in specs]
     return [row for spec in specs for row in isolated_rows(spec)]
@@ -299,8 +303,10 @@ def keep_applies(device: torch.device) -> bool:
 
 
 _ROW_CHILD = """
-import json, sys
+import json, os, sys
 spec = json.loads(sys.argv[1])
+if spec.get("cuda_alloc_conf"):  # read when CUDA's caching allocator starts: before torch
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = spec["cuda_alloc_conf"]
 if spec.get("keep_freed_memory"):  # before torch allocates anything
     from captioner.allocator import keep_freed_memory
     assert keep_freed_memory(), "glibc malloc options could not be set"
@@ -418,7 +424,9 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     The same model, step and warm-up as the synthetic ``train frozen encoder`` (or fine-tuned)
     row; the only difference is where the batches come from (a new one from the loader every
     step). ``variant``: ``pinned`` (pin_memory on CUDA, as training runs), ``bucketed`` (the
-    same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``unpinned``, or
+    same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``expandable``
+    (pinned, in a process started with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``;
+    set by the caller), ``unpinned``, or
     ``preloaded`` (every batch the run needs taken from the loader before the timed steps, so
     the steps see the loader's batches without the loader running beside them).
     """
@@ -459,12 +467,13 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     per_s = n * sizes.batch_images / statistics.median(times)
     label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
     label += {"pinned": " + HDF5 loader", "bucketed": " + HDF5 loader, length-bucketed batches",
+              "expandable": " + HDF5 loader, expandable_segments allocator",
               "unpinned": " + HDF5 loader (pin_memory=False)",
               "preloaded": ", HDF5 loader batches taken before the timed steps"}[variant]
     return rate(f"train {label}", "train", "ours", "images/s",
                 n * sizes.batch_images, times, loader_workers=workers, variant=variant,
                 **({"coco_epoch_min": COCO_TRAIN_IMAGES / per_s / 60.0}
-                   if variant in ("pinned", "bucketed") else {}),
+                   if variant in ("pinned", "bucketed", "expandable") else {}),
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
                 decoder_steps_per_batch=statistics.mean(decoder_steps), warmup_steps=warmup,
                 warmup_images_per_s=warmup_rates, **per_step(usage, n), **cuda_peak_mib(device))
