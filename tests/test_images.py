@@ -283,3 +283,22 @@ def test_images_above_pils_bomb_limit_go_through_pil(tmp_path, monkeypatch):
     path = _encoded(tmp_path / "a.jpg", "420", 80, 60)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 60 - 1)
     assert images._decode_jpeg(path, 32, 0.8) is None
+
+
+def test_mpo_frames_are_drafted_like_jpegs_on_both_paths(tmp_path, monkeypatch):
+    """An MPO (JPEG frames, e.g. from stereo cameras) decodes its first frame at the draft scale."""
+    first, second = (Image.fromarray(_photo(80, 60, seed=s)) for s in (1, 2))
+    path = tmp_path / "a.mpo"
+    first.save(path, "MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(path) as img:
+        assert img.format == "MPO"
+    fast = images._decode_jpeg(path, 32, 0.9)
+    assert fast is not None and fast.shape == (30, 40, 3)
+    np.testing.assert_array_equal(load_image(path, 32, draft_min_ratio=0.9),
+                                  _pil_only(monkeypatch, path, 32, 0.9))
+
+
+def test_fast_path_works_with_pils_bomb_check_turned_off(tmp_path, monkeypatch):
+    path = _encoded(tmp_path / "a.jpg", "420", 80, 60)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert images._decode_jpeg(path, 32, 0.8) is not None

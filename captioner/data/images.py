@@ -84,7 +84,7 @@ def load_image(path: str | os.PathLike, image_size: int,
     pixels = _decode_jpeg(path, image_size, draft_min_ratio) if simplejpeg is not None else None
     if pixels is None:
         with Image.open(path) as img:
-            if draft_min_ratio is not None and img.format == "JPEG":
+            if draft_min_ratio is not None and img.format in ("JPEG", "MPO"):  # MPO: JPEG frames
                 img.draft("RGB", (_draft_side(image_size, draft_min_ratio),) * 2)
             rgb = _to_rgb(img)
             pixels = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable
@@ -117,12 +117,14 @@ def _decode_jpeg(path: str | os.PathLike, image_size: int,
     those, so errors and accepted files are exactly PIL's.
     """
     with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":  # not a JPEG: PIL reads it
+            return None
+        f.seek(0)
         data = f.read()
-    if not data.startswith(b"\xff\xd8\xff"):
-        return None
+    limit = Image.MAX_IMAGE_PIXELS  # None when the user turned PIL's check off
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in _FAST_COLORSPACES or width * height > Image.MAX_IMAGE_PIXELS:
+        if colorspace not in _FAST_COLORSPACES or (limit is not None and width * height > limit):
             return None
         scale = 1 if draft_min_ratio is None else _draft_scale(
             width, height, _draft_side(image_size, draft_min_ratio))
