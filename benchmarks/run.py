@@ -6,8 +6,8 @@ the loop), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5
 0/1/2 worker processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB,
 peak RSS for a small and a large Karpathy JSON) and ``loader``
 (``CaptionH5Dataset`` + DataLoader images/s by worker count). Every number is the median of
-``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps),
-with the min..max spread. Results are printed
+``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
+loader-in-the-loop rows on CUDA after 160), with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
 
 Each training and decoding row runs in a fresh interpreter after the same warm-up: the state an
