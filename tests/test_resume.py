@@ -37,7 +37,10 @@ class PauseAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            self.marker.write_text(f"epoch {self.epoch} batch {self.batch} global_step {trainer.global_step}\n")
+            # Written whole, then renamed: the test kills this process as soon as the marker exists.
+            tmp = self.marker.with_name(self.marker.name + ".tmp")
+            tmp.write_text(f"epoch {self.epoch} batch {self.batch} global_step {trainer.global_step}\n")
+            tmp.replace(self.marker)
             time.sleep(self.sleep_s)
 
 
