@@ -203,7 +203,9 @@ class AttentionLSTMDecoder(nn.Module):
         order_t = torch.from_numpy(order).to(device, non_blocking=True)
         features, projected, h, c, captions = (x.index_select(0, order_t)
                                                for x in (features, projected, h, c, captions))
-        embedded = self.embedding(captions[:, :max_steps])  # (N, L, E)
+        # (N, L, E) in the features' dtype: under autocast the context is bf16/fp16 and the
+        # LSTM casts its input to that dtype anyway, so casting once here saves a cast per step.
+        embedded = self.embedding(captions[:, :max_steps]).to(features.dtype)
 
         hiddens, alphas = [], []
         state = DecoderState(h, c)
