@@ -277,19 +277,27 @@ def test_init_matches_the_tutorial():
 
 
 # ---------------------------------------------------------------------- teacher forcing
-def test_teacher_forcing_equals_feeding_step_token_by_token():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_teacher_forcing_equals_feeding_step_token_by_token(autocast):
+    """Also under (CPU) bf16 autocast, where the teacher-forced pass casts the embeddings once
+    and each step casts its own: the same values reach the LSTM."""
     decoder = tiny_decoder(6, dropout=0.5).eval()
     lengths = [6, 3, 5]
     captions = random_captions(lengths, 7)
     features = torch.randn(3, 4, 6)
-    out = decoder(features, captions, torch.tensor(lengths))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if autocast:  # as the encoder gives them under autocast
+            features = features.to(torch.bfloat16)
+        out = decoder(features, captions, torch.tensor(lengths))
+        projected = decoder.project(features)
+        state = decoder.init_state(features)
+        steps = []
+        for t in range(5):
+            steps.append(decoder.step(captions[:, t], state, features, projected))
+            state = steps[-1].state
     assert out.logits.shape == (3, 5, V) and out.alphas.shape == (3, 5, 4)
 
-    projected = decoder.project(features)
-    state = decoder.init_state(features)
-    for t in range(5):
-        step = decoder.step(captions[:, t], state, features, projected)
-        state = step.state
+    for t, step in enumerate(steps):
         for n, length in enumerate(lengths):
             if t < length - 1:
                 torch.testing.assert_close(out.logits[n, t], step.logits[n])
