@@ -59,7 +59,16 @@ class AdditiveAttention(nn.Module):
         Returns:
             AttentionOutput with context (B, D) and alpha (B, P).
         """
-        att = self.full_att(self.relu(projected + self.decoder_att(hidden)[:, None])).squeeze(2)
+        return self.attend(features, projected, self.decoder_att(hidden), mask)
+
+    def attend(self, features: Tensor, projected: Tensor, hidden_projected: Tensor,
+               mask: Tensor | None = None) -> AttentionOutput:
+        """:meth:`forward` given ``decoder_att(hidden)`` (B, A), computed by the caller.
+
+        The decoder's teacher-forced loop computes it together with its other projections of
+        the hidden state, in one matrix product per step.
+        """
+        att = self.full_att(self.relu(projected + hidden_projected[:, None])).squeeze(2)
         if mask is not None:
             att = att.masked_fill(~mask, float("-inf"))
         alpha = self.softmax(att)  # (B, P)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioner.models.attention import AdditiveAttention
@@ -116,17 +117,32 @@ class AttentionLSTMDecoder(nn.Module):
         """(B, P, D) -> (B, P, A): the attention's per-image projection, computed once."""
         return self.attention.project(features)
 
-    def _recur(self, embedded: Tensor, state: DecoderState, features: Tensor,
-               projected: Tensor) -> tuple[DecoderState, Tensor]:
+    def _recur(self, embedded: Tensor, state: DecoderState, features: Tensor, projected: Tensor,
+               hidden_weights: tuple[Tensor, Tensor] | None = None) -> tuple[DecoderState, Tensor]:
         """Attention, gate and LSTM cell for one step from an embedded token (N, E).
 
         Shared by :meth:`step` and :meth:`forward`; the output layer is applied by the caller
-        (``forward`` applies it once to all steps' hidden states).
+        (``forward`` applies it once to all steps' hidden states). ``hidden_weights`` (from
+        :meth:`_hidden_weights`) computes ``decoder_att(h)`` and ``f_beta(h)`` in one matrix
+        product instead of two.
         """
-        context, alpha = self.attention(features, projected, state.h)
-        context = self.sigmoid(self.f_beta(state.h)) * context  # (N, D)
+        if hidden_weights is None:
+            hidden_att, hidden_gate = self.attention.decoder_att(state.h), self.f_beta(state.h)
+        else:
+            hidden_att, hidden_gate = F.linear(state.h, *hidden_weights).split(
+                [self.attention_dim, self.encoder_dim], dim=1)
+        context, alpha = self.attention.attend(features, projected, hidden_att)
+        context = self.sigmoid(hidden_gate) * context  # (N, D)
         h, c = self.decode_step(torch.cat([embedded, context], dim=1), (state.h, state.c))
         return DecoderState(h, c), alpha
+
+    def _hidden_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``decoder_att`` and ``f_beta`` stacked: weight (A + D, H) and bias (A + D,), in
+        ``dtype`` (the hidden state's: under autocast the cast is then done once per pass, not
+        once per step)."""
+        layers = (self.attention.decoder_att, self.f_beta)
+        return (torch.cat([layer.weight for layer in layers]).to(dtype),
+                torch.cat([layer.bias for layer in layers]).to(dtype))
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor,
              projected: Tensor) -> StepOutput:
@@ -209,10 +225,12 @@ class AttentionLSTMDecoder(nn.Module):
 
         hiddens, alphas = [], []
         state = DecoderState(h, c)
+        hidden_weights = self._hidden_weights(h.dtype)
         for t, n in enumerate(active):
             # Rows are sorted, so the first n rows are the ones still decoding at step t.
             state = DecoderState(state.h[:n], state.c[:n])
-            state, alpha = self._recur(embedded[:n, t], state, features[:n], projected[:n])
+            state, alpha = self._recur(embedded[:n, t], state, features[:n], projected[:n],
+                                       hidden_weights)
             hiddens.append(state.h)
             alphas.append(alpha)
 
