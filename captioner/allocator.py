@@ -4,7 +4,7 @@ On the CPU, PyTorch allocates tensor memory with ``malloc``. glibc serves large 
 ``mmap`` and hands them back with ``munmap`` when freed, and trims the top of the heap once
 more than 128 KiB there is free. A training step allocates and frees gigabytes of activations,
 so with the defaults every step page-faults all of it back in: measured on a 2-core VM with
-ResNet-101 at 256 px, about 2 million page faults and 5 s of system time per step, 2.1x slower
+ResNet-101 at 256 px, about 2 million page faults and 4-5 s of system time per step, 1.8-2.4x slower
 than with :func:`keep_freed_memory` (docs/performance.md). This is the same effect that
 jemalloc/tcmalloc, or ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, are used for on
 CPU servers; here it is two ``mallopt`` calls at run time, no preload needed.
