@@ -275,15 +275,15 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         specs += [{**base, "kind": "ours", "fine_tune": fine_tune},
                   {**base, "kind": "tutorial", "fine_tune": fine_tune}]
     if data is not None:
-        # With the loader in the loop: frozen always; fine-tuned on CUDA too (its COCO epoch
-        # time is reported there; on the CPU it would add minutes and say nothing new).
-        # On CUDA also two frozen-encoder variants that locate the loader's cost: batches not
-        # pinned, and the same loader's batches collected before the timed steps.
+        # With the loader in the loop: frozen always, plain and length-bucketed batches
+        # (data.bucket_by_length, the coco experiments); fine-tuned on CUDA too (its COCO epoch
+        # time is reported there; on the CPU it would add minutes and say nothing new). On
+        # CUDA also frozen with PyTorch's expandable-segments allocator (new caption-length
+        # mixes keep asking the caching allocator for new block sizes), and two variants that
+        # locate the loader's cost: batches not pinned, and the same loader's batches
+        # collected before the timed steps.
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
-        # Both with length-bucketed batches too (data.bucket_by_length, the coco experiments).
-        # On CUDA also frozen with PyTorch's expandable-segments allocator: new caption-length
-        # mixes keep asking the caching allocator for new block sizes.
         variants = ([(False, "pinned"), (False, "bucketed"), (True, "pinned"), (True, "bucketed"),
                      (False, "expandable"), (False, "unpinned"), (False, "preloaded")]
                     if device.type == "cuda" else [(False, "pinned"), (False, "bucketed")])

@@ -193,11 +193,11 @@ class AttentionLSTMDecoder(nn.Module):
         # gives), one host sync for lengths already on the GPU. Everything the loop needs
         # from them is built on the host and copied without waiting (non_blocking), so no
         # later line waits for the GPU either (no boolean-mask indexing).
-        decode_lengths = (lengths.cpu() - 1).tolist()
-        if min(decode_lengths) < 1 or max(decode_lengths) > num_tokens - 1:
+        steps = lengths.cpu().numpy().astype(np.int64) - 1  # (N,) decoding steps per row
+        if steps.min() < 1 or steps.max() > num_tokens - 1:
             raise ValueError(f"lengths must lie in 2..T={num_tokens} (<start> .. <end>), got "
-                             f"min {min(decode_lengths) + 1}, max {max(decode_lengths) + 1}")
-        max_steps = max(decode_lengths)
+                             f"min {steps.min() + 1}, max {steps.max() + 1}")
+        max_steps = int(steps.max())
 
         # Per-image work once, then one copy per caption row.
         projected = self.project(features)
@@ -206,7 +206,6 @@ class AttentionLSTMDecoder(nn.Module):
             features, projected, h, c = (x.repeat_interleave(captions_per_image, dim=0)
                                          for x in (features, projected, h, c))
 
-        steps = np.array(decode_lengths, dtype=np.int64)
         order = np.argsort(-steps, kind="stable")  # longest first
         decoding = np.arange(max_steps)[:, None] < steps[order][None, :]  # (L, N): sorted rows
         active = decoding.sum(axis=1).tolist()  # rows still decoding at each step
