@@ -56,6 +56,8 @@ from captioner.vocab import write_json_atomic
 GROUPS = ("preprocess", "loader", "train", "decode")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
+# PyTorch's allocator setting for varying tensor sizes, tried on the CUDA loader rows.
+EXPANDABLE = "expandable_segments:True"
 TRAIN_WARMUP_STEPS = 2  # untimed optimisation steps before every training row
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Rows measured with glibc malloc keeping freed memory (captioner.allocator.keep_freed_memory,
@@ -263,11 +265,12 @@ def build_tutorial(sizes: Sizes, device: torch.device, fine_tune: bool, dropout:
 
 # ---------------------------------------------------------------------------- train
 def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet | None",
-                loader_workers: int) -> list[dict]:
+                loader_workers: int, rows: str | None = None) -> list[dict]:
     """The training rows, each in a fresh interpreter (see the module docstring).
 
     Every row runs :data:`TRAIN_WARMUP_STEPS` untimed steps, then ``repeats`` timed runs (one
-    step each on a synthetic batch; ``train_loader_batches`` steps with the loader).
+    step each on a synthetic batch; ``train_loader_batches`` steps with the loader). ``rows``:
+    a regular expression; only rows whose :func:`train_row_key` it matches (``re.search``) run.
     """
     base = {"sizes": dataclasses.asdict(sizes), "device": str(device), "repeats": repeats}
     specs = []
@@ -278,23 +281,39 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         # With the loader in the loop: frozen always, plain and length-bucketed batches
         # (data.bucket_by_length, the coco experiments); fine-tuned on CUDA too (its COCO epoch
         # time is reported there; on the CPU it would add minutes and say nothing new). On
-        # CUDA also frozen with PyTorch's expandable-segments allocator (new caption-length
-        # mixes keep asking the caching allocator for new block sizes), and two variants that
-        # locate the loader's cost: batches not pinned, and the same loader's batches
-        # collected before the timed steps.
+        # CUDA also with PyTorch's expandable-segments allocator (new caption-length mixes keep
+        # asking the caching allocator for new block sizes; measured, it did not pay:
+        # docs/performance.md), and two variants that locate the loader's cost: batches not
+        # pinned, and the same loader's batches collected before the timed steps.
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
-        variants = ([(False, "pinned"), (False, "bucketed"), (True, "pinned"), (True, "bucketed"),
-                     (False, "expandable"), (False, "unpinned"), (False, "preloaded")]
-                    if device.type == "cuda" else [(False, "pinned"), (False, "bucketed")])
-        for fine_tune, variant in variants:
+        variants = ([(False, "pinned", False), (False, "bucketed", False),
+                     (False, "pinned", True), (False, "bucketed", True),
+                     (True, "pinned", False), (True, "bucketed", False), (True, "bucketed", True),
+                     (False, "unpinned", False), (False, "preloaded", False)]
+                    if device.type == "cuda"
+                    else [(False, "pinned", False), (False, "bucketed", False)])
+        for fine_tune, variant, expandable in variants:
             specs.append({**base, "kind": "loader", "fine_tune": fine_tune, "variant": variant,
                           "workers": loader_workers, "data": data_spec,
-                          **({"cuda_alloc_conf": "expandable_segments:True"}
-                             if variant == "expandable" else {})})
+                          **({"cuda_alloc_conf": EXPANDABLE} if expandable else {})})
     if keep_applies(device):
         specs += [{**spec, "keep_freed_memory": True} for spec in specs]
+    if rows is not None:
+        specs = [spec for spec in specs if re.search(rows, train_row_key(spec))]
     return [row for spec in specs for row in isolated_rows(spec)]
+
+
+def train_row_key(spec: dict) -> str:
+    """``kind:encoder:variant`` of a training row's spec, for ``--train-rows``: e.g.
+    ``ours:frozen:synthetic``, ``tutorial:fine-tuned:synthetic``,
+    ``loader:frozen:bucketed+expandable``, ``loader:frozen:pinned+keep_freed_memory``."""
+    variant = spec.get("variant", "synthetic")
+    if spec.get("cuda_alloc_conf"):
+        variant += "+expandable"
+    if spec.get("keep_freed_memory"):
+        variant += "+keep_freed_memory"
+    return f"{spec['kind']}:{'fine-tuned' if spec['fine_tune'] else 'frozen'}:{variant}"
 
 
 def keep_applies(device: torch.device) -> bool:
@@ -305,7 +324,11 @@ def keep_applies(device: torch.device) -> bool:
 _ROW_CHILD = """
 import json, os, sys
 spec = json.loads(sys.argv[1])
-if spec.get("cuda_alloc_conf"):  # read when CUDA's caching allocator starts: before torch
+# Read when CUDA's caching allocator starts, so set before torch. Rows without a setting run
+# the default allocator, whatever the benchmark's own environment says.
+for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+    os.environ.pop(name, None)
+if spec.get("cuda_alloc_conf"):
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = spec["cuda_alloc_conf"]
 if spec.get("keep_freed_memory"):  # before torch allocates anything
     from captioner.allocator import keep_freed_memory
@@ -367,7 +390,8 @@ def train_row(spec: dict) -> dict:
         return bench_train_with_loader(sizes, device, spec["repeats"],
                                        DataSet(Path(data["folder"]), data["name"],
                                                data["vocab_size"], data["special_ids"]),
-                                       spec["workers"], spec["fine_tune"], spec["variant"])
+                                       spec["workers"], spec["fine_tune"], spec["variant"],
+                                       expandable=bool(spec.get("cuda_alloc_conf")))
     rng = np.random.default_rng(0)
     ids = special_ids(sizes)
     s, fine_tune = sizes.image_size, spec["fine_tune"]
@@ -418,17 +442,18 @@ def per_step(usage: dict, steps: int) -> dict:
 
 
 def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet",
-                            workers: int, fine_tune: bool = False, variant: str = "pinned") -> dict:
+                            workers: int, fine_tune: bool = False, variant: str = "pinned",
+                            expandable: bool = False) -> dict:
     """Ours fed by CaptionH5Dataset + DataLoader (the real input pipeline).
 
     The same model, step and warm-up as the synthetic ``train frozen encoder`` (or fine-tuned)
     row; the only difference is where the batches come from (a new one from the loader every
     step). ``variant``: ``pinned`` (pin_memory on CUDA, as training runs), ``bucketed`` (the
-    same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``expandable``
-    (pinned, in a process started with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``;
-    set by the caller), ``unpinned``, or
+    same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``unpinned``, or
     ``preloaded`` (every batch the run needs taken from the loader before the timed steps, so
     the steps see the loader's batches without the loader running beside them).
+    ``expandable``: the process was started with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
+    (set by the caller; it only labels the row here).
     """
     from captioner.data.dataset import CaptionH5Dataset
 
@@ -467,13 +492,15 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     per_s = n * sizes.batch_images / statistics.median(times)
     label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
     label += {"pinned": " + HDF5 loader", "bucketed": " + HDF5 loader, length-bucketed batches",
-              "expandable": " + HDF5 loader, expandable_segments allocator",
               "unpinned": " + HDF5 loader (pin_memory=False)",
               "preloaded": ", HDF5 loader batches taken before the timed steps"}[variant]
+    if expandable:
+        label += ", expandable_segments allocator"
     return rate(f"train {label}", "train", "ours", "images/s",
                 n * sizes.batch_images, times, loader_workers=workers, variant=variant,
+                allocator="expandable_segments" if expandable else "default",
                 **({"coco_epoch_min": COCO_TRAIN_IMAGES / per_s / 60.0}
-                   if variant in ("pinned", "bucketed", "expandable") else {}),
+                   if variant in ("pinned", "bucketed") else {}),
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
                 decoder_steps_per_batch=statistics.mean(decoder_steps), warmup_steps=warmup,
                 warmup_images_per_s=warmup_rates, **per_step(usage, n), **cuda_peak_mib(device))
@@ -957,6 +984,13 @@ TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, 
     ("train frozen + HDF5 loader: length-bucketed / plain batches, keep_freed_memory",
      ("train frozen encoder + HDF5 loader, length-bucketed batches" + KEEP, "ours"),
      ("train frozen encoder + HDF5 loader" + KEEP, "ours"), "(report)"),
+    ("train frozen + HDF5 loader, length-bucketed: expandable_segments / default allocator",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches, expandable_segments allocator",
+      "ours"),
+     ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"), "(report)"),
+    ("train frozen + HDF5 loader, plain batches: expandable_segments / default allocator",
+     ("train frozen encoder + HDF5 loader, expandable_segments allocator", "ours"),
+     ("train frozen encoder + HDF5 loader", "ours"), "(report)"),
     ("train frozen, ours: keep_freed_memory / default malloc",
      ("train frozen encoder" + KEEP, "ours"), ("train frozen encoder", "ours"),
      "(report; CPU page-fault cost)"),
@@ -1053,6 +1087,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", default=None,
                         help="comma-separated DataLoader worker counts (default: 0,1,2 on CPU, "
                              "0,4,8 on CUDA)")
+    parser.add_argument("--train-rows", default=None, metavar="REGEX",
+                        help="only the training rows whose kind:encoder:variant key matches, e.g. "
+                             "'loader:frozen:bucketed' or 'loader:.*expandable' (keys: ours, "
+                             "tutorial or loader; frozen or fine-tuned; synthetic, pinned, "
+                             "bucketed, unpinned or preloaded, +expandable, +keep_freed_memory)")
     parser.add_argument("--workdir", default=None,
                         help="where the JPEGs and HDF5 files go (default: a temp folder, removed)")
     parser.add_argument("--out", default=None,
@@ -1098,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         # (a time limit on a lent GPU machine) still leaves its finished rows in the log.
         measured = {"loader": lambda: bench_loader(sizes, device, args.repeats, data, workers_list),
                     "train": lambda: bench_train(sizes, device, args.repeats, data,
-                                                 max(workers_list)),
+                                                 max(workers_list), args.train_rows),
                     "decode": lambda: bench_decode(sizes, device, args.repeats)}
         for group in (g for g in GROUPS if g in measured and g in groups):
             group_rows = measured[group]()
