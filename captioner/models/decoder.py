@@ -213,23 +213,31 @@ class AttentionLSTMDecoder(nn.Module):
         # caller's (N, L) layout, step after step (the order torch.cat(per-step outputs) has).
         step_of, rank_of = np.nonzero(decoding)
         device = captions.device
+        # Every step's input tokens, step after step, in one gather: (sum of n_t,) flat indices
+        # into the caller's (N, T) captions.
+        inputs = torch.from_numpy(order[rank_of] * num_tokens + step_of)
         places = torch.from_numpy(order[rank_of] * max_steps + step_of)
-        places = places.to(device, non_blocking=True)
+        inputs, places = (x.to(device, non_blocking=True) for x in (inputs, places))
         order_t = torch.from_numpy(order).to(device, non_blocking=True)
-        features, projected, h, c, captions = (x.index_select(0, order_t)
-                                               for x in (features, projected, h, c, captions))
-        # (N, L, E) in the features' dtype: under autocast the context is bf16/fp16 and the
-        # LSTM casts its input to that dtype anyway, so casting once here saves a cast per step.
-        embedded = self.embedding(captions[:, :max_steps]).to(features.dtype)
+        features, projected, h, c = (x.index_select(0, order_t)
+                                     for x in (features, projected, h, c))
+        # One embedding lookup for all steps, split into the steps' inputs (no per-step slicing,
+        # whose backward costs kernels at every step), in the features' dtype: under autocast
+        # the context is bf16/fp16 and the LSTM casts its input to that dtype anyway, so casting
+        # once here saves a cast per step.
+        embedded = self.embedding(captions.reshape(-1).index_select(0, inputs))
+        embedded = embedded.to(features.dtype).split(active)
 
         hiddens, alphas = [], []
         state = DecoderState(h, c)
         hidden_weights = self._hidden_weights(h.dtype)
-        for t, n in enumerate(active):
-            # Rows are sorted, so the first n rows are the ones still decoding at step t.
-            state = DecoderState(state.h[:n], state.c[:n])
-            state, alpha = self._recur(embedded[:n, t], state, features[:n], projected[:n],
-                                       hidden_weights)
+        for n, step_input in zip(active, embedded):
+            # Rows are sorted, so the first n rows are the ones still decoding at step t. Slice
+            # only when rows have ended: a step that keeps every row adds no slicing to the graph.
+            if n < state.h.size(0):
+                state = DecoderState(state.h[:n], state.c[:n])
+                features, projected = features[:n], projected[:n]
+            state, alpha = self._recur(step_input, state, features, projected, hidden_weights)
             hiddens.append(state.h)
             alphas.append(alpha)
 
