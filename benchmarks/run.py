@@ -218,7 +218,7 @@ def special_ids(sizes: Sizes) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------- models
 def build_ours(sizes: Sizes, device: torch.device, fine_tune: bool, vocab_size: int | None = None,
-               ids: dict[str, int] | None = None, dropout: float = 0.5):
+               ids: dict[str, int] | None = None, dropout: float = 0.5, cuda_graph: bool = False):
     """``CaptioningModule`` (random weights) on ``device`` and its Adam optimiser."""
     from captioner.lit_module import CaptioningModule
 
@@ -226,7 +226,7 @@ def build_ours(sizes: Sizes, device: torch.device, fine_tune: bool, vocab_size: 
         vocab_size=vocab_size or sizes.vocab_size, **(ids or special_ids(sizes)),
         encoder={"arch": sizes.arch, "encoded_image_size": sizes.encoded_image_size,
                  "pretrained": False, "fine_tune_from": 2, "last_stage": sizes.last_stage,
-                 "channels_last": True},
+                 "channels_last": True, "cuda_graph": cuda_graph},
         decoder={"embed_dim": sizes.embed_dim, "decoder_dim": sizes.decoder_dim,
                  "attention_dim": sizes.attention_dim, "dropout": dropout},
         fine_tune_encoder=fine_tune)
@@ -287,16 +287,20 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         # pinned, and the same loader's batches collected before the timed steps.
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
-        variants = ([(False, "pinned", False), (False, "bucketed", False),
-                     (False, "pinned", True), (False, "bucketed", True),
-                     (True, "pinned", False), (True, "bucketed", False), (True, "bucketed", True),
-                     (False, "unpinned", False), (False, "preloaded", False)]
+        # (fine_tune, batches, expandable_segments, encoder CUDA graph)
+        variants = ([(False, "pinned", False, False), (False, "bucketed", False, False),
+                     (False, "bucketed", False, True),
+                     (False, "pinned", True, False), (False, "bucketed", True, False),
+                     (True, "pinned", False, False), (True, "bucketed", False, False),
+                     (True, "bucketed", True, False),
+                     (False, "unpinned", False, False), (False, "preloaded", False, False)]
                     if device.type == "cuda"
-                    else [(False, "pinned", False), (False, "bucketed", False)])
-        for fine_tune, variant, expandable in variants:
+                    else [(False, "pinned", False, False), (False, "bucketed", False, False)])
+        for fine_tune, variant, expandable, graph in variants:
             specs.append({**base, "kind": "loader", "fine_tune": fine_tune, "variant": variant,
                           "workers": loader_workers, "data": data_spec,
-                          **({"cuda_alloc_conf": EXPANDABLE} if expandable else {})})
+                          **({"cuda_alloc_conf": EXPANDABLE} if expandable else {}),
+                          **({"encoder_cuda_graph": True} if graph else {})})
     if keep_applies(device):
         specs += [{**spec, "keep_freed_memory": True} for spec in specs]
     if rows is not None:
@@ -307,10 +311,13 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
 def train_row_key(spec: dict) -> str:
     """``kind:encoder:variant`` of a training row's spec, for ``--train-rows``: e.g.
     ``ours:frozen:synthetic``, ``tutorial:fine-tuned:synthetic``,
-    ``loader:frozen:bucketed+expandable``, ``loader:frozen:pinned+keep_freed_memory``."""
+    ``loader:frozen:bucketed+expandable``, ``loader:frozen:bucketed+graph``,
+    ``loader:frozen:pinned+keep_freed_memory``."""
     variant = spec.get("variant", "synthetic")
     if spec.get("cuda_alloc_conf"):
         variant += "+expandable"
+    if spec.get("encoder_cuda_graph"):
+        variant += "+graph"
     if spec.get("keep_freed_memory"):
         variant += "+keep_freed_memory"
     return f"{spec['kind']}:{'fine-tuned' if spec['fine_tune'] else 'frozen'}:{variant}"
@@ -391,7 +398,8 @@ def train_row(spec: dict) -> dict:
                                        DataSet(Path(data["folder"]), data["name"],
                                                data["vocab_size"], data["special_ids"]),
                                        spec["workers"], spec["fine_tune"], spec["variant"],
-                                       expandable=bool(spec.get("cuda_alloc_conf")))
+                                       expandable=bool(spec.get("cuda_alloc_conf")),
+                                       cuda_graph=bool(spec.get("encoder_cuda_graph")))
     rng = np.random.default_rng(0)
     ids = special_ids(sizes)
     s, fine_tune = sizes.image_size, spec["fine_tune"]
@@ -443,7 +451,7 @@ def per_step(usage: dict, steps: int) -> dict:
 
 def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet",
                             workers: int, fine_tune: bool = False, variant: str = "pinned",
-                            expandable: bool = False) -> dict:
+                            expandable: bool = False, cuda_graph: bool = False) -> dict:
     """Ours fed by CaptionH5Dataset + DataLoader (the real input pipeline).
 
     The same model, step and warm-up as the synthetic ``train frozen encoder`` (or fine-tuned)
@@ -453,7 +461,8 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     ``preloaded`` (every batch the run needs taken from the loader before the timed steps, so
     the steps see the loader's batches without the loader running beside them).
     ``expandable``: the process was started with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
-    (set by the caller; it only labels the row here).
+    (set by the caller; it only labels the row here). ``cuda_graph``: the frozen encoder
+    replays a CUDA graph (``ImageEncoder(cuda_graph=True)``).
     """
     from captioner.data.dataset import CaptionH5Dataset
 
@@ -461,7 +470,8 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
                                captions_per_sample=sizes.captions_per_image)
     ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
     module, optimizer = build_ours(sizes, device, fine_tune=fine_tune,
-                                   vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids)
+                                   vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids,
+                                   cuda_graph=cuda_graph)
     step = ours_train_step(module, optimizer, device)
     batches = endless_batches(dataset, sizes.batch_images, workers, device,
                               pin_memory=variant != "unpinned", bucketed=variant == "bucketed")
@@ -496,9 +506,12 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
               "preloaded": ", HDF5 loader batches taken before the timed steps"}[variant]
     if expandable:
         label += ", expandable_segments allocator"
+    if cuda_graph:
+        label += ", encoder CUDA graph"
     return rate(f"train {label}", "train", "ours", "images/s",
                 n * sizes.batch_images, times, loader_workers=workers, variant=variant,
                 allocator="expandable_segments" if expandable else "default",
+                encoder_cuda_graph=cuda_graph,
                 **({"coco_epoch_min": COCO_TRAIN_IMAGES / per_s / 60.0}
                    if variant in ("pinned", "bucketed") else {}),
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
@@ -988,6 +1001,9 @@ TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, 
      ("train frozen encoder + HDF5 loader, length-bucketed batches, expandable_segments allocator",
       "ours"),
      ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"), "(report)"),
+    ("train frozen + HDF5 loader, length-bucketed: encoder CUDA graph / eager",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches, encoder CUDA graph", "ours"),
+     ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"), "(report)"),
     ("train frozen + HDF5 loader, plain batches: expandable_segments / default allocator",
      ("train frozen encoder + HDF5 loader, expandable_segments allocator", "ours"),
      ("train frozen encoder + HDF5 loader", "ours"), "(report)"),
@@ -1091,7 +1107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the training rows whose kind:encoder:variant key matches, e.g. "
                              "'loader:frozen:bucketed' or 'loader:.*expandable' (keys: ours, "
                              "tutorial or loader; frozen or fine-tuned; synthetic, pinned, "
-                             "bucketed, unpinned or preloaded, +expandable, +keep_freed_memory)")
+                             "bucketed, unpinned or preloaded, +expandable, +graph, "
+                             "+keep_freed_memory)")
     parser.add_argument("--workdir", default=None,
                         help="where the JPEGs and HDF5 files go (default: a temp folder, removed)")
     parser.add_argument("--out", default=None,

@@ -32,9 +32,9 @@ def float32_matmuls():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def small_captioner(channels_last: bool = False) -> Captioner:
+def small_captioner(channels_last: bool = False, cuda_graph: bool = False) -> Captioner:
     encoder = ImageEncoder(arch="resnet18", encoded_image_size=4, pretrained=False, last_stage=2,
-                           channels_last=channels_last)
+                           channels_last=channels_last, cuda_graph=cuda_graph)
     decoder = AttentionLSTMDecoder(V, embed_dim=32, decoder_dim=48, attention_dim=40,
                                    encoder_dim=encoder.encoder_dim, dropout=0.0)
     return Captioner(encoder, decoder, PAD, START, END).eval()
@@ -95,6 +95,52 @@ def test_channels_last_on_cuda_computes_the_same_features(float32_matmuls):
     images = batch()[0].cuda()
     with torch.no_grad():
         torch.testing.assert_close(fast.encode(images), plain.encode(images), atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_graph_encoder_replays_the_eager_features(float32_matmuls):
+    """The frozen encoder's CUDA graph gives the eager features, for new images at every call
+    (its input buffer is refreshed, earlier outputs are not overwritten), per input shape and
+    autocast setting, and again after the model moves; a trainable encoder is not captured."""
+    eager = small_captioner(channels_last=True).cuda()
+    graphed = small_captioner(channels_last=True, cuda_graph=True).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    first, second = batch(b=4)[0].cuda(), batch(b=4)[0].cuda()
+    with torch.no_grad():
+        out_first = graphed.encode(first)
+        out_second = graphed.encode(second)
+        torch.testing.assert_close(out_first, eager.encode(first), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_second, eager.encode(second), atol=1e-5, rtol=1e-5)
+        assert len(graphed.encoder._graphs) == 1
+        torch.testing.assert_close(graphed.encode(first[:2]), eager.encode(first[:2]),
+                                   atol=1e-5, rtol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast, reference = graphed.encode(first), eager.encode(first)
+        assert fast.dtype == torch.bfloat16
+        torch.testing.assert_close(fast, reference, atol=2e-2, rtol=2e-2)
+        assert len(graphed.encoder._graphs) == 3
+        graphed.cpu().cuda()
+        assert graphed.encoder._graphs == {}
+        torch.testing.assert_close(graphed.encode(second), eager.encode(second),
+                                   atol=1e-5, rtol=1e-5)
+    graphed.encoder.set_fine_tune(True, 2)
+    graphed.encoder._graphs.clear()
+    graphed.encode(first)
+    assert graphed.encoder._graphs == {}
+
+
+def test_training_steps_with_a_cuda_graph_encoder_equal_eager(float32_matmuls):
+    eager = small_captioner(channels_last=True).cuda().train()
+    graphed = small_captioner(channels_last=True, cuda_graph=True).cuda().train()
+    graphed.load_state_dict(eager.state_dict())
+    for _ in range(2):  # the second step replays the graph captured by the first
+        images, captions, lengths = batch()
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            out = model(images, captions, lengths)
+            caption_loss(out.logits, out.targets, out.mask, out.alphas).loss.backward()
+        for (name, p), q in zip(eager.decoder.named_parameters(), graphed.decoder.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert len(graphed.encoder._graphs) == 1
 
 
 def test_bf16_autocast_stays_close_to_float32(float32_matmuls):

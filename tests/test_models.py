@@ -85,6 +85,27 @@ def test_encoder_flattens_in_raster_order():
     torch.testing.assert_close(out[0, 1 * 3 + 2], grid[0, :, 1, 2])
 
 
+def test_cuda_graph_encoder_off_the_gpu_runs_eagerly_and_copies_cleanly():
+    """``cuda_graph`` only acts on CUDA images (tests/test_gpu.py checks the replay): on the
+    CPU the same features, nothing captured, the same state dict keys, and the module still
+    deep-copies and pickles."""
+    import copy
+    import pickle
+
+    plain = tiny_encoder().eval()
+    graphed = tiny_encoder(cuda_graph=True).eval()
+    graphed.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(graphed(images), plain(images), rtol=0, atol=0)
+    assert graphed._graphs == {} and graphed.state_dict().keys() == plain.state_dict().keys()
+    graphed._graphs[("sentinel",)] = object()  # stands in for a captured graph
+    for clone in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
+        assert clone._graphs == {} and clone.cuda_graph
+        torch.testing.assert_close(clone(images), plain(images), rtol=0, atol=0)
+    graphed.float()  # a move or cast drops the captured graphs (they read the old memory)
+    assert graphed._graphs == {}
+
+
 def test_channels_last_computes_the_same_features():
     plain = tiny_encoder().eval()
     fast = tiny_encoder(channels_last=True).eval()
