@@ -133,8 +133,8 @@ class ImageEncoder(nn.Module):
             shallower trunk: at 64 px resnet18 keeps a 4x4 map up to layer3.
         channels_last: run the trunk in channels-last memory format (faster convs on GPUs).
         cuda_graph: when every parameter is frozen and the images are on a CUDA device,
-            capture the forward pass as a CUDA graph per input shape (and autocast setting)
-            and replay it: one launch instead of ~450 for ResNet-101, whose Python-side cost
+            capture the forward pass as a CUDA graph per input shape (and autocast and
+            inference-mode setting) and replay it: one launch instead of ~450 for ResNet-101, whose Python-side cost
             bounds a frozen-encoder training step on a fast GPU. Same kernels, same features.
             Off by default until measured (docs/performance.md).
 
@@ -259,7 +259,10 @@ class ImageEncoder(nn.Module):
                              f"got {tuple(images.shape)}")
         if self._graphable(images):
             enabled, dtype = _autocast_state()
-            key = (tuple(images.shape), images.dtype, images.device, enabled, dtype)
+            # Inference mode too: a graph captured under it (Lightning's validation) owns
+            # inference tensors, which a training step may not copy into.
+            key = (tuple(images.shape), images.dtype, images.device, enabled, dtype,
+                   torch.is_inference_mode_enabled())
             captured = self._graphs.get(key)
             if captured is None:
                 if len(self._graphs) >= _MAX_CUDA_GRAPHS:
