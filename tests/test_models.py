@@ -106,6 +106,42 @@ def test_cuda_graph_encoder_off_the_gpu_runs_eagerly_and_copies_cleanly():
     assert graphed._graphs == {}
 
 
+def test_cuda_graph_encoder_keeps_one_capture_per_signature(monkeypatch):
+    """The capture cache, on the CPU: a stand-in for the CUDA capture runs the trunk eagerly.
+    One capture per (shape, dtype, autocast, inference mode), reused; at most 4, oldest out."""
+    from captioner.models import encoder as encoder_module
+
+    made = []
+
+    class Capture:  # stands in for _CapturedForward: same call protocol, no CUDA
+        def __init__(self, fn, example):
+            self.fn = fn
+            made.append(tuple(example.shape))
+
+        def __call__(self, images):
+            return self.fn(images).clone()
+
+    monkeypatch.setattr(encoder_module, "_CapturedForward", Capture)
+    monkeypatch.setattr(ImageEncoder, "_graphable", lambda self, images: self.cuda_graph)
+    plain = tiny_encoder().eval()
+    graphed = tiny_encoder(cuda_graph=True).eval()
+    graphed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for b in (2, 2, 3, 2):
+            images = torch.randn(b, 3, 32, 32)
+            torch.testing.assert_close(graphed(images), plain(images), rtol=0, atol=0)
+    assert made == [(2, 3, 32, 32), (3, 3, 32, 32)]
+    with torch.inference_mode():
+        graphed(torch.randn(2, 3, 32, 32))
+    assert len(made) == 3 and len(graphed._graphs) == 3
+    with torch.no_grad():
+        for b in (4, 5):
+            graphed(torch.randn(b, 3, 32, 32))
+    assert len(graphed._graphs) == 4 and made[-1] == (5, 3, 32, 32)
+    assert [key[0] for key in graphed._graphs] == [(3, 3, 32, 32), (2, 3, 32, 32),
+                                                    (4, 3, 32, 32), (5, 3, 32, 32)]
+
+
 def test_channels_last_computes_the_same_features():
     plain = tiny_encoder().eval()
     fast = tiny_encoder(channels_last=True).eval()
