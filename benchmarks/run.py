@@ -460,8 +460,9 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
     same with :class:`~captioner.data.dataset.LengthBucketSampler` batches), ``unpinned``, or
     ``preloaded`` (every batch the run needs taken from the loader before the timed steps, so
     the steps see the loader's batches without the loader running beside them).
-    ``expandable``: the process was started with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``
-    (set by the caller; it only labels the row here). ``cuda_graph``: the frozen encoder
+    ``expandable``: the process was started with
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (set by the caller; it only labels the
+    row here). ``cuda_graph``: the frozen encoder
     replays a CUDA graph (``ImageEncoder(cuda_graph=True)``).
     """
     from captioner.data.dataset import CaptionH5Dataset

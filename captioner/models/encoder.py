@@ -134,9 +134,9 @@ class ImageEncoder(nn.Module):
         channels_last: run the trunk in channels-last memory format (faster convs on GPUs).
         cuda_graph: when every parameter is frozen and the images are on a CUDA device,
             capture the forward pass as a CUDA graph per input shape (and autocast and
-            inference-mode setting) and replay it: one launch instead of ~450 for ResNet-101, whose Python-side cost
-            bounds a frozen-encoder training step on a fast GPU. Same kernels, same features.
-            Off by default until measured (docs/performance.md).
+            inference-mode setting) and replay it: one launch instead of ~450 for ResNet-101,
+            whose Python-side cost bounds a frozen-encoder training step on a fast GPU. Same
+            kernels, same features. Off by default until measured (docs/performance.md).
 
     Frozen stages are kept in eval mode by :meth:`train`, so their BatchNorm running
     statistics never change (the tutorial's ``encoder.train()`` updates them silently).
