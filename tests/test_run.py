@@ -182,6 +182,18 @@ def test_checkpoint_contents(trained):
     assert checkpoint["hyper_parameters"]["vocab_size"] == len(prepared)
 
 
+def test_epoch_means_are_the_row_weighted_means_of_the_steps(trained):
+    """train/loss_epoch and train/top5_epoch (summed on the device, logged at epoch end) are
+    what Lightning's on_epoch=True would log: the mean of the steps, weighted by their rows
+    (equal here: every batch has the same number of caption rows)."""
+    acc = tb_events(trained["run_dir"] / "tensorboard")
+    for key in ("train/loss", "train/top5"):
+        steps = [e.value for e in acc.Scalars(key)]
+        (epoch,) = acc.Scalars(f"{key}_epoch")
+        assert len(steps) == 6  # 48 images / batch 8, log_every_n_steps=1
+        assert epoch.value == pytest.approx(sum(steps) / len(steps), rel=1e-5)
+
+
 def test_tensorboard_logs(trained):
     acc = tb_events(trained["run_dir"] / "tensorboard")
     tags = acc.Tags()
