@@ -143,8 +143,13 @@ class Captioner(nn.Module):
         if beam_size > 1:
             features = expand_for_beams(features, beam_size)  # (B*K, P, D)
             projected = expand_for_beams(projected, beam_size)  # (B*K, P, A)
-        # Copied without waiting: a plain copy would hold the host until the encoder finished.
-        banned = torch.tensor([self.pad_id, self.start_id]).to(features.device, non_blocking=True)
+        # Copied from pinned memory without waiting: a plain copy, or a non_blocking one from
+        # pageable memory (the driver may stage it after the stream), can hold the host until
+        # the encoder has finished.
+        banned = torch.tensor([self.pad_id, self.start_id])
+        if features.is_cuda:
+            banned = banned.pin_memory()
+        banned = banned.to(features.device, non_blocking=True)
 
         def step_fn(tokens: Tensor, state: DecoderState):
             out = self.decoder.step(tokens, DecoderState(*state), features, projected)

@@ -214,11 +214,15 @@ class AttentionLSTMDecoder(nn.Module):
         step_of, rank_of = np.nonzero(decoding)
         device = captions.device
         # Every step's input tokens, step after step, in one gather: (sum of n_t,) flat indices
-        # into the caller's (N, T) captions.
-        inputs = torch.from_numpy(order[rank_of] * num_tokens + step_of)
-        places = torch.from_numpy(order[rank_of] * max_steps + step_of)
-        inputs, places = (x.to(device, non_blocking=True) for x in (inputs, places))
-        order_t = torch.from_numpy(order).to(device, non_blocking=True)
+        # into the caller's (N, T) captions. The three index arrays go to the device in one
+        # copy, from pinned memory on CUDA: a non_blocking copy from pageable memory may wait
+        # for the stream (the driver stages it), i.e. for the encoder to finish.
+        host = torch.from_numpy(np.concatenate([order, order[rank_of] * num_tokens + step_of,
+                                                order[rank_of] * max_steps + step_of]))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        order_t, inputs, places = host.to(device, non_blocking=True).split(
+            [num_rows, len(step_of), len(step_of)])
         features, projected, h, c = (x.index_select(0, order_t)
                                      for x in (features, projected, h, c))
         # One embedding lookup for all steps, split into the steps' inputs (no per-step slicing,
