@@ -135,20 +135,6 @@ class CaptioningModule(L.LightningModule):
         word_map = self._require_word_map()
         return [word_map.decode(h.tokens) for h in self._search(images, search)]
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move a batch to ``device``, except the caption lengths.
-
-        The decoder reads the lengths on the host (its per-step batch sizes). Left there, they
-        cost no host sync per batch, and :class:`~captioner.models.Captioner` copies them to the
-        device without waiting. A hook of the module, not the data module, so that it applies
-        to every loader: ``train.py``'s data module and ``evaluate.py``'s plain loaders.
-        """
-        if isinstance(batch, dict) and isinstance(batch.get("lengths"), torch.Tensor):
-            rest = super().transfer_batch_to_device(
-                {k: v for k, v in batch.items() if k != "lengths"}, device, dataloader_idx)
-            return {**rest, "lengths": batch["lengths"]}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses, top5, num_captions = self._teacher_forced(batch)

@@ -36,6 +36,18 @@ def prepared_dm(tmp_path):
     return make_dm(tmp_path, eval_batch_size=4), wm
 
 
+def test_batches_move_to_the_device_except_the_caption_lengths(tmp_path):
+    """The decoder reads lengths on the host: Lightning's transfer leaves them there."""
+    batch = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+             "captions": torch.zeros(2, 3, 7, dtype=torch.long),
+             "lengths": torch.full((2, 3), 3), "image_ids": torch.tensor([4, 9]),
+             "references": [[["a"]], [["b"]]]}
+    moved = make_dm(tmp_path).transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert {k: v.device.type for k, v in moved.items() if torch.is_tensor(v)} == {
+        "images": "meta", "captions": "meta", "image_ids": "meta", "lengths": "cpu"}
+    assert moved["lengths"] is batch["lengths"] and moved["references"] == batch["references"]
+
+
 def test_names_word_map_and_prepared_tutorial_files(prepared_dm, tmp_path):
     dm, wm = prepared_dm
     assert dm.data_name == "coco_3_cap_per_img_1_min_word_freq"

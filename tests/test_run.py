@@ -182,22 +182,6 @@ def test_checkpoint_contents(trained):
     assert checkpoint["hyper_parameters"]["vocab_size"] == len(prepared)
 
 
-def test_batches_move_to_the_device_except_the_caption_lengths(trained):
-    """The decoder reads lengths on the host: the module's transfer hook (used by Lightning for
-    train.py's data module and evaluate.py's plain loaders alike) leaves them there."""
-    batch = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
-             "captions": torch.zeros(2, 3, 7, dtype=torch.long),
-             "lengths": torch.full((2, 3), 3), "image_ids": torch.tensor([4, 9]),
-             "references": [[["a"]], [["b"]]]}
-    model = trained["model"]
-    moved = model.transfer_batch_to_device(batch, torch.device("meta"), 0)
-    assert {k: v.device.type for k, v in moved.items() if torch.is_tensor(v)} == {
-        "images": "meta", "captions": "meta", "image_ids": "meta", "lengths": "cpu"}
-    assert moved["lengths"] is batch["lengths"] and moved["references"] == batch["references"]
-    from captioner.data.datamodule import CaptionDataModule
-    assert "transfer_batch_to_device" not in vars(CaptionDataModule)  # would shadow the module's
-
-
 def test_epoch_means_are_the_row_weighted_means_of_the_steps(trained):
     """train/loss_epoch and train/top5_epoch (summed on the device, logged at epoch end) are
     what Lightning's on_epoch=True would log: the mean of the steps, weighted by their rows

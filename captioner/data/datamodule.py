@@ -289,6 +289,21 @@ class CaptionDataModule(LightningDataModule):
         """In file order, ``eval_batch_size`` (or ``batch_size``) images per batch."""
         return self._loader(self._dataset("test"), self.eval_batch_size or self.batch_size)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a batch to ``device``, except the caption lengths.
+
+        The decoder reads the lengths on the host (its per-step batch sizes). Left there, they
+        cost no host sync per step, and :class:`~captioner.models.Captioner` copies them to the
+        device without waiting. Lightning uses this hook when the Trainer is given this data
+        module (``train.py``); with plain dataloaders (``evaluate.py``) the lengths go to the
+        device and the decoder reads them back once per batch.
+        """
+        if isinstance(batch, dict) and isinstance(batch.get("lengths"), torch.Tensor):
+            rest = super().transfer_batch_to_device(
+                {k: v for k, v in batch.items() if k != "lengths"}, device, dataloader_idx)
+            return {**rest, "lengths": batch["lengths"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def raw_references(self, split: str) -> dict[int, list[str]]:
         """``{image_id: [raw caption strings]}`` of a split (for the COCO scorers)."""
         return self._dataset(split).raw_references()
