@@ -98,18 +98,19 @@ class _CapturedForward:
     def __init__(self, fn, example: Tensor):
         device = example.device
         self.input = example.clone()
-        # Warm-up outside the capture, on a side stream as PyTorch requires: cuDNN chooses its
-        # algorithms (benchmark mode) and lazy initialisation happens here, not in the graph.
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(self.input)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may use CUDA during the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = fn(self.input)
+        with torch.cuda.device(device):  # the capture runs on the current device
+            # Warm-up outside the capture, on a side stream as PyTorch requires: cuDNN chooses
+            # its algorithms (benchmark mode) and lazy initialisation happens here.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(self.input)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may use CUDA during the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.output = fn(self.input)
 
     def __call__(self, images: Tensor) -> Tensor:
         self.input.copy_(images)
