@@ -106,6 +106,15 @@ def test_cuda_graph_encoder_off_the_gpu_runs_eagerly_and_copies_cleanly():
     assert graphed._graphs == {}
 
 
+def test_cuda_graph_on_a_fine_tuned_encoder_warns_that_it_has_no_effect(caplog):
+    with caplog.at_level("WARNING", logger="captioner.models.encoder"):
+        tiny_encoder(cuda_graph=True)
+        tiny_encoder(cuda_graph=False, fine_tune=True)
+        assert not caplog.records
+        tiny_encoder(cuda_graph=True, fine_tune=True)
+    assert "no effect while the encoder is fine-tuned" in caplog.text
+
+
 def test_cuda_graph_encoder_keeps_one_capture_per_signature(monkeypatch):
     """The capture cache, on the CPU: a stand-in for the CUDA capture runs the trunk eagerly.
     One capture per (shape, dtype, autocast, inference mode), reused; at most 4, oldest out."""

@@ -9,6 +9,7 @@ tutorial's encoder state dicts load here with ``strict=True``.
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Output channels of layer1 for each arch; layerN has base * 2**(N-1).
@@ -221,6 +224,10 @@ class ImageEncoder(nn.Module):
             for module in self._stage_modules(stage):
                 module.requires_grad_(trainable)
         self.train(self.training)
+        if self.cuda_graph and self.fine_tune:
+            log.warning("ImageEncoder cuda_graph=True has no effect while the encoder is "
+                        "fine-tuned (stages >= %d train): only a fully frozen encoder is "
+                        "captured", fine_tune_from)
 
     def frozen_stages(self) -> list[int]:
         """Stages whose parameters are frozen (and kept in eval mode)."""
