@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioner.models.decoder import AttentionLSTMDecoder, DecoderState
+from captioner.models.decoder import AttentionLSTMDecoder, DecoderState, copy_to_device
 from captioner.models.encoder import ImageEncoder
 from captioner.search import Hypothesis, beam_search, expand_for_beams, greedy_search
 
@@ -143,13 +143,8 @@ class Captioner(nn.Module):
         if beam_size > 1:
             features = expand_for_beams(features, beam_size)  # (B*K, P, D)
             projected = expand_for_beams(projected, beam_size)  # (B*K, P, A)
-        # Copied from pinned memory without waiting: a plain copy, or a non_blocking one from
-        # pageable memory (the driver may stage it after the stream), can hold the host until
-        # the encoder has finished.
-        banned = torch.tensor([self.pad_id, self.start_id])
-        if features.is_cuda:
-            banned = banned.pin_memory()
-        banned = banned.to(features.device, non_blocking=True)
+        # A plain copy would hold the host until the encoder has finished.
+        banned = copy_to_device(torch.tensor([self.pad_id, self.start_id]), features.device)
 
         def step_fn(tokens: Tensor, state: DecoderState):
             out = self.decoder.step(tokens, DecoderState(*state), features, projected)

@@ -42,6 +42,15 @@ class DecoderOutput(NamedTuple):
     alphas: Tensor  # (N, L, P), exactly 0 at t >= lengths[n] - 1
 
 
+def copy_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` (a CPU tensor) on ``device`` without holding the host: on CUDA from pinned
+    memory, since a ``non_blocking`` copy from pageable memory may wait for the stream (the
+    driver stages it), i.e. for the work queued before it, such as the encoder."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 class AttentionLSTMDecoder(nn.Module):
     """Decode captions from region features, one token at a time.
 
@@ -214,14 +223,10 @@ class AttentionLSTMDecoder(nn.Module):
         step_of, rank_of = np.nonzero(decoding)
         device = captions.device
         # Every step's input tokens, step after step, in one gather: (sum of n_t,) flat indices
-        # into the caller's (N, T) captions. The three index arrays go to the device in one
-        # copy, from pinned memory on CUDA: a non_blocking copy from pageable memory may wait
-        # for the stream (the driver stages it), i.e. for the encoder to finish.
+        # into the caller's (N, T) captions. The three index arrays go over in one copy.
         host = torch.from_numpy(np.concatenate([order, order[rank_of] * num_tokens + step_of,
                                                 order[rank_of] * max_steps + step_of]))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        order_t, inputs, places = host.to(device, non_blocking=True).split(
+        order_t, inputs, places = copy_to_device(host, device).split(
             [num_rows, len(step_of), len(step_of)])
         features, projected, h, c = (x.index_select(0, order_t)
                                      for x in (features, projected, h, c))
@@ -236,8 +241,8 @@ class AttentionLSTMDecoder(nn.Module):
         state = DecoderState(h, c)
         hidden_weights = self._hidden_weights(h.dtype)
         for n, step_input in zip(active, embedded):
-            # Rows are sorted, so the first n rows are the ones still decoding at step t. Slice
-            # only when rows have ended: a step that keeps every row adds no slicing to the graph.
+            # Rows are sorted, so the first n rows are the ones still decoding at this step.
+            # Slice only when rows have ended: a step that keeps every row adds no slicing.
             if n < state.h.size(0):
                 state = DecoderState(state.h[:n], state.c[:n])
                 features, projected = features[:n], projected[:n]
@@ -249,14 +254,12 @@ class AttentionLSTMDecoder(nn.Module):
         # one per step (the V-wide layer dominates the decoder's cost), none on padding. The
         # per-step outputs are joined once (no per-step copies into a buffer, whose backward
         # costs several kernels per step) and land in place in the caller's row order.
+        def placed(per_step: Tensor) -> Tensor:  # (sum of n_t, X) -> (N, L, X), 0 on padding
+            out = per_step.new_zeros(num_rows * max_steps, per_step.size(1))
+            return out.index_copy(0, places, per_step).view(num_rows, max_steps, -1)
+
         scores = self.fc(self.dropout(torch.cat(hiddens)))  # (sum of n_t, V)
-        logits = scores.new_zeros(num_rows * max_steps, self.vocab_size).index_copy(0, places,
-                                                                                     scores)
-        alphas = torch.cat(alphas)
-        alphas = alphas.new_zeros(num_rows * max_steps, alphas.size(1)).index_copy(0, places,
-                                                                                  alphas)
-        return DecoderOutput(logits.view(num_rows, max_steps, -1),
-                             alphas.view(num_rows, max_steps, -1))
+        return DecoderOutput(placed(scores), placed(torch.cat(alphas)))
 
 
 def load_glove_embeddings(path: str | os.PathLike, word_to_id: dict[str, int],
