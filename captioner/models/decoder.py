@@ -126,32 +126,51 @@ class AttentionLSTMDecoder(nn.Module):
         """(B, P, D) -> (B, P, A): the attention's per-image projection, computed once."""
         return self.attention.project(features)
 
-    def _recur(self, embedded: Tensor, state: DecoderState, features: Tensor, projected: Tensor,
-               hidden_weights: tuple[Tensor, Tensor] | None = None) -> tuple[DecoderState, Tensor]:
-        """Attention, gate and LSTM cell for one step from an embedded token (N, E).
-
-        Shared by :meth:`step` and :meth:`forward`; the output layer is applied by the caller
-        (``forward`` applies it once to all steps' hidden states). ``hidden_weights`` (from
-        :meth:`_hidden_weights`) computes ``decoder_att(h)`` and ``f_beta(h)`` in one matrix
-        product instead of two.
-        """
-        if hidden_weights is None:
-            hidden_att, hidden_gate = self.attention.decoder_att(state.h), self.f_beta(state.h)
-        else:
-            hidden_att, hidden_gate = F.linear(state.h, *hidden_weights).split(
-                [self.attention_dim, self.encoder_dim], dim=1)
+    def _recur(self, embedded: Tensor, state: DecoderState, features: Tensor,
+               projected: Tensor) -> tuple[DecoderState, Tensor]:
+        """Attention, gate and LSTM cell for one step from an embedded token (N, E), with the
+        layers as the tutorial applies them: the plain path that :meth:`step` (and so beam
+        search) uses, and the reference the teacher-forced pass is tested against."""
+        hidden_att, hidden_gate = self.attention.decoder_att(state.h), self.f_beta(state.h)
         context, alpha = self.attention.attend(features, projected, hidden_att)
         context = self.sigmoid(hidden_gate) * context  # (N, D)
         h, c = self.decode_step(torch.cat([embedded, context], dim=1), (state.h, state.c))
         return DecoderState(h, c), alpha
 
-    def _hidden_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``decoder_att`` and ``f_beta`` stacked: weight (A + D, H) and bias (A + D,), in
-        ``dtype`` (the hidden state's: under autocast the cast is then done once per pass, not
-        once per step)."""
+    def _pass_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The weights the teacher-forced loop uses at every step, built once per pass,
+        transposed for ``addmm`` and in ``dtype`` (the hidden state's: under autocast the
+        casts are then done once per pass, not once per step).
+
+        Every product of the previous hidden state, ``decoder_att(h)``, ``f_beta(h)`` and the
+        LSTM's ``W_hh h + b_hh``, is one matrix product: weight (H, A + D + 4H) and bias
+        (A + D + 4H,). The third is the context's part of the LSTM's input product,
+        ``W_ih[:, E:]`` (D, 4H); its embedding part is applied to all steps' tokens at once,
+        before the loop.
+        """
         layers = (self.attention.decoder_att, self.f_beta)
-        return (torch.cat([layer.weight for layer in layers]).to(dtype),
-                torch.cat([layer.bias for layer in layers]).to(dtype))
+        lstm = self.decode_step
+        weight = torch.cat([layer.weight for layer in layers] + [lstm.weight_hh]).to(dtype)
+        bias = torch.cat([layer.bias for layer in layers] + [lstm.bias_hh]).to(dtype)
+        return weight.t(), bias, lstm.weight_ih[:, self.embed_dim:].to(dtype).t()
+
+    def _teacher_forced_step(self, input_gates: Tensor, state: DecoderState, features: Tensor,
+                             projected: Tensor, weights: tuple[Tensor, Tensor, Tensor]
+                             ) -> tuple[DecoderState, Tensor]:
+        """:meth:`_recur` given the token's part of the LSTM's input gates, ``W_ih[:, :E] x +
+        b_ih`` (N, 4H), with the products regrouped as :meth:`_pass_weights` describes:
+        outside the attention, two matrix products and the LSTM kernel per step instead of
+        three products, a concatenation and the kernel (and fewer backward kernels and gradient
+        sums to match). The same function up to float rounding; tests compare it with
+        :meth:`step`."""
+        hidden_weight, hidden_bias, context_weight = weights
+        hidden_att, hidden_gate, hidden_gates = torch.addmm(
+            hidden_bias, state.h, hidden_weight).split(
+            [self.attention_dim, self.encoder_dim, 4 * self.decoder_dim], dim=1)
+        context, alpha = self.attention.attend(features, projected, hidden_att)
+        context = self.sigmoid(hidden_gate) * context  # (N, D)
+        input_gates = torch.addmm(input_gates, context, context_weight)
+        return DecoderState(*_lstm_cell(input_gates, hidden_gates, state.c)), alpha
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor,
              projected: Tensor) -> StepOutput:
@@ -230,23 +249,27 @@ class AttentionLSTMDecoder(nn.Module):
             [num_rows, len(step_of), len(step_of)])
         features, projected, h, c = (x.index_select(0, order_t)
                                      for x in (features, projected, h, c))
-        # One embedding lookup for all steps, split into the steps' inputs (no per-step slicing,
-        # whose backward costs kernels at every step), in the features' dtype: under autocast
-        # the context is bf16/fp16 and the LSTM casts its input to that dtype anyway, so casting
-        # once here saves a cast per step.
+        # One embedding lookup for all steps and the tokens' part of the LSTM's input product
+        # for all of them in one matrix product (as cuDNN's LSTM does), split into the steps'
+        # inputs (no per-step slicing, whose backward costs kernels at every step). In the
+        # state's dtype: under autocast the loop's products are bf16/fp16, so casting once here
+        # saves a cast per step.
+        state = DecoderState(h, c)
+        lstm = self.decode_step
         embedded = self.embedding(captions.reshape(-1).index_select(0, inputs))
-        embedded = embedded.to(features.dtype).split(active)
+        input_gates = F.linear(embedded, lstm.weight_ih[:, :self.embed_dim], lstm.bias_ih)
+        input_gates = input_gates.to(h.dtype).split(active)
 
         hiddens, alphas = [], []
-        state = DecoderState(h, c)
-        hidden_weights = self._hidden_weights(h.dtype)
-        for n, step_input in zip(active, embedded):
+        weights = self._pass_weights(h.dtype)
+        for n, step_input in zip(active, input_gates):
             # Rows are sorted, so the first n rows are the ones still decoding at this step.
             # Slice only when rows have ended: a step that keeps every row adds no slicing.
             if n < state.h.size(0):
                 state = DecoderState(state.h[:n], state.c[:n])
                 features, projected = features[:n], projected[:n]
-            state, alpha = self._recur(step_input, state, features, projected, hidden_weights)
+            state, alpha = self._teacher_forced_step(step_input, state, features, projected,
+                                                     weights)
             hiddens.append(state.h)
             alphas.append(alpha)
 
@@ -260,6 +283,22 @@ class AttentionLSTMDecoder(nn.Module):
 
         scores = self.fc(self.dropout(torch.cat(hiddens)))  # (sum of n_t, V)
         return DecoderOutput(placed(scores), placed(torch.cat(alphas)))
+
+
+def _lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell's pointwise part, ``nn.LSTMCell`` given its two gate products (biases
+    included): gates i, f, g, o in that order. On CUDA PyTorch's own fused kernel (the one
+    ``nn.LSTMCell`` calls there, one kernel forward and one backward); elsewhere the same
+    arithmetic as ``nn.LSTMCell`` on the CPU."""
+    if input_gates.is_cuda:
+        h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
+        return h, c
+    # As ATen's CPU cell: in place on the chunks of a fresh tensor (unsafe_chunk's outputs are
+    # not views to autograd, so this needs no copies).
+    i, f, g, o = (input_gates + hidden_gates).unsafe_chunk(4, dim=1)
+    i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
+    c = f.mul(c).add_(i.mul(g))
+    return o.mul(c.tanh()), c
 
 
 def load_glove_embeddings(path: str | os.PathLike, word_to_id: dict[str, int],
