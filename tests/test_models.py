@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -399,6 +400,36 @@ def test_teacher_forced_gradients_equal_feeding_step_token_by_token():
 
     names = ["features"] + [name for name, _ in decoder.named_parameters()]
     for name, a, b in zip(names, teacher_forced, stepwise):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_decoders_cuda_lstm_branch_computes_what_its_cpu_branch_does():
+    """On CUDA the teacher-forced loop calls PyTorch's fused LSTM kernel with the regrouped gate
+    products. With ``benchmarks.calls``' CPU stand-in for that kernel (the CUDA kernel's
+    arithmetic, gates i, f, g, o), that branch gives the CPU branch's outputs and gradients."""
+    from unittest import mock
+
+    import captioner.models.decoder as decoder_module
+    from benchmarks.calls import CallCount, _cuda_path_lstm_cell
+
+    decoder = tiny_decoder(6)
+    lengths = torch.tensor([6, 3, 5])
+    captions, features = random_captions(lengths.tolist(), 7), torch.randn(3, 4, 6)
+    outputs = []
+    for branch in ("cpu", "cuda"):
+        decoder.zero_grad()
+        with mock.patch.object(decoder_module, "_lstm_cell", _cuda_path_lstm_cell) \
+                if branch == "cuda" else contextlib.nullcontext(), CallCount() as mode:
+            out = decoder(features, captions, lengths)
+            (out.logits.square().sum() + out.alphas.square().sum()).backward()
+        called = sum(mode.calls[mode.phase][name] for name in ("_thnn_fused_lstm_cell",
+                                                                "_thnn_fused_lstm_cell_backward_impl"))
+        assert called == (2 * 5 if branch == "cuda" else 0)  # 5 steps, forward and backward
+        outputs.append((out, [p.grad.clone() for p in decoder.parameters()]))
+    (cpu, cpu_grads), (cuda, cuda_grads) = outputs
+    torch.testing.assert_close(cuda.logits, cpu.logits)
+    torch.testing.assert_close(cuda.alphas, cpu.alphas)
+    for (name, _), a, b in zip(decoder.named_parameters(), cuda_grads, cpu_grads):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
