@@ -21,6 +21,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
+from captioner.vocab import replace_durably
+
 START_WORD = "<start>"
 END_WORD = "<end>"
 
@@ -163,7 +165,7 @@ def save_attention_figure(image: np.ndarray, words: Sequence[str], alphas, path:
     try:
         with os.fdopen(fd, "wb") as f:
             figure.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -174,7 +174,8 @@ class WordMap:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to a temp file beside ``path``, then rename over it."""
+    """Write ``obj`` as JSON to a temp file beside ``path``, then rename over it
+    (:func:`replace_durably`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj)  # one C-encoder call: much faster than json.dump's chunks for COCO
@@ -183,10 +184,32 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``os.replace(tmp, path)`` once ``tmp``'s data is on disk, then the rename itself.
+
+    A rename alone is atomic for running processes, but after a crash or power cut some
+    filesystems can show the new name with the data not yet written (an empty or partial
+    file). With the data flushed first, the name holds the old file or the whole new one.
+    """
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # the folder's entry; not possible on every platform or filesystem
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def new_file_mode() -> int:

@@ -1,8 +1,9 @@
 import json
+import os
 
 import pytest
 
-from captioner.vocab import END, PAD, START, UNK, WordMap
+from captioner.vocab import END, PAD, START, UNK, WordMap, write_json_atomic
 
 CAPTIONS = [["a", "dog", "runs"], ["a", "cat", "sits"], ["a", "dog", "sits"], ["zebra"]]
 
@@ -60,3 +61,30 @@ def test_bad_word_maps_are_rejected(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         WordMap.load(bad)
+
+
+def test_atomic_json_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
+    """The data is flushed (fsync) before the rename and the folder after it, so a crash
+    leaves the old file or the new one under the name, never a partial one; no temp is left."""
+    path = tmp_path / "out" / "word_map.json"
+    path.parent.mkdir()
+    path.write_text('{"old": 1}')
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):  # what the descriptor is open on (Linux: /proc/self/fd)
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json_atomic(path, {"new": 2})
+    temp = events[0][1]
+    assert temp.startswith(".word_map.json.") and temp.endswith(".tmp")
+    assert events == [("fsync", temp), ("replace", temp, "word_map.json"), ("fsync", "out")]
+    assert json.loads(path.read_text()) == {"new": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["word_map.json"]

@@ -51,7 +51,7 @@ import h5py
 from captioner.data.images import (CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter,
                                    check_draft_min_ratio)
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, iter_karpathy
-from captioner.vocab import WordMap, new_file_mode, write_json_atomic
+from captioner.vocab import WordMap, new_file_mode, replace_durably, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +423,9 @@ def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list
             for tmp, final in ((staged[split].captions, files.captions),
                                (staged[split].caplens, files.caplens),
                                (staged[split].references, files.references)):
-                os.replace(tmp, final)
+                replace_durably(tmp, final)
         for split, files in zip(SPLITS, paths):
-            os.replace(staged[split].images, files.images)
+            replace_durably(staged[split].images, files.images)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
