@@ -287,15 +287,17 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet
         # pinned, and the same loader's batches collected before the timed steps.
         data_spec = {"folder": str(data.folder), "name": data.name,
                      "vocab_size": data.vocab_size, "special_ids": data.special_ids}
-        # (fine_tune, batches, expandable_segments, encoder CUDA graph)
+        # (fine_tune, batches, expandable_segments, encoder CUDA graph); "lightning": the
+        # bucketed row through train.py's Trainer, data module and per-step callbacks.
         variants = ([(False, "pinned", False, False), (False, "bucketed", False, False),
-                     (False, "bucketed", False, True),
+                     (False, "bucketed", False, True), (False, "lightning", False, False),
                      (False, "pinned", True, False), (False, "bucketed", True, False),
                      (True, "pinned", False, False), (True, "bucketed", False, False),
                      (True, "bucketed", True, False),
                      (False, "unpinned", False, False), (False, "preloaded", False, False)]
                     if device.type == "cuda"
-                    else [(False, "pinned", False, False), (False, "bucketed", False, False)])
+                    else [(False, "pinned", False, False), (False, "bucketed", False, False),
+                          (False, "lightning", False, False)])
         for fine_tune, variant, expandable, graph in variants:
             specs.append({**base, "kind": "loader", "fine_tune": fine_tune, "variant": variant,
                           "workers": loader_workers, "data": data_spec,
@@ -394,9 +396,12 @@ def train_row(spec: dict) -> dict:
     torch.manual_seed(0)
     if spec["kind"] == "loader":
         data = spec["data"]
-        return bench_train_with_loader(sizes, device, spec["repeats"],
-                                       DataSet(Path(data["folder"]), data["name"],
-                                               data["vocab_size"], data["special_ids"]),
+        dataset = DataSet(Path(data["folder"]), data["name"], data["vocab_size"],
+                          data["special_ids"])
+        if spec["variant"] == "lightning":
+            return bench_train_lightning(sizes, device, spec["repeats"], dataset,
+                                         spec["workers"], spec["fine_tune"])
+        return bench_train_with_loader(sizes, device, spec["repeats"], dataset,
                                        spec["workers"], spec["fine_tune"], spec["variant"],
                                        expandable=bool(spec.get("cuda_alloc_conf")),
                                        cuda_graph=bool(spec.get("encoder_cuda_graph")))
@@ -518,6 +523,119 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
                 decoder_steps_per_batch=statistics.mean(decoder_steps), warmup_steps=warmup,
                 warmup_images_per_s=warmup_rates, **per_step(usage, n), **cuda_peak_mib(device))
+
+
+def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data: "DataSet",
+                          workers: int, fine_tune: bool = False) -> dict:
+    """The length-bucketed loader row run by ``Trainer.fit`` the way ``train.py`` runs it.
+
+    The same model and data as :func:`bench_train_with_loader`; what is added is Lightning's
+    loop and what ``train.py`` puts in it: the Trainer built from ``conf/trainer/{gpu,cpu}.yaml``
+    (precision, value clipping at 5, logging every 50 steps), ``CaptionDataModule`` (its loader,
+    ``LengthBucketSampler`` and the transfer hook that keeps the lengths on the host), the
+    progress bar, ``LearningRateMonitor`` and ``ExactResume`` callbacks and the TensorBoard
+    logger. Left out: the checkpoint and early-stopping callbacks and the LR schedule, which act
+    only at validation or at epoch ends on its score (there is no validation here). Steps are timed by a callback in windows of ``train_loader_batches``
+    steps after ``train_loader_warmup``, synchronised at the window edges. The benchmark's
+    train split is 50 batches, so an epoch ends every 50 steps (COCO's is 3,540): if anything,
+    this row is slower than ``train.py`` on COCO.
+    """
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from captioner.callbacks import ExactResume, ImageRateProgressBar
+    from captioner.data.datamodule import CaptionDataModule
+
+    n, warmup = sizes.train_loader_batches, sizes.train_loader_warmup
+    total = warmup + repeats * n
+    ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
+    module, _ = build_ours(sizes, device, fine_tune=fine_tune,
+                           vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids)
+    # Its LR schedule steps per epoch on val/bleu4, and there is no validation here: the
+    # optimiser alone (the schedule costs nothing per step).
+    configure = module.configure_optimizers
+    module.configure_optimizers = lambda: configure()["optimizer"]
+    # The data module names only the real datasets; the benchmark's prepared files are named
+    # for "bench". With no raw inputs at these paths, prepare_data uses the prepared files.
+    datamodule = CaptionDataModule(
+        "coco", data.folder, karpathy_json=data.folder / "no-raw-inputs.json",
+        image_folder=data.folder / "no-raw-inputs", captions_per_image=sizes.captions_per_image,
+        min_word_freq=BENCH_MIN_WORD_FREQ, max_len=sizes.max_len, image_size=sizes.image_size,
+        batch_size=sizes.batch_images, num_workers=workers, bucket_by_length=True, seed=0)
+    datamodule.dataset = "bench"
+    if datamodule.data_name != data.name:
+        raise RuntimeError(f"data module files {datamodule.data_name} != benchmark's {data.name}")
+
+    class StepWindows(L.Callback):
+        """Wall time of each window of ``n`` steps (warm-up windows apart) and usage."""
+
+        def __init__(self):
+            self.marks: list[float] = []
+            self.decoder_steps: list[int] = []
+            self.usage_start = None
+
+        def _mark(self) -> None:
+            sync(device)
+            self.marks.append(time.perf_counter())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            if (step % n == 0 if step < warmup else (step - warmup) % n == 0):
+                self._mark()
+            if step == warmup:
+                self.usage_start = resource.getrusage(resource.RUSAGE_SELF)
+                cuda_peak_reset(device)
+            if step >= warmup:
+                self.decoder_steps.append(int(batch["lengths"].max()) - 1)
+
+        def on_train_end(self, trainer, pl_module):
+            self._mark()
+            self.usage_end = resource.getrusage(resource.RUSAGE_SELF)
+
+    timer = StepWindows()
+    with tempfile.TemporaryDirectory(prefix="bench_lightning_") as tmp, \
+            initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="train",
+                      overrides=[f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
+                                 f"paths.output_dir={tmp}"])
+        try:  # train.py's default logger; a machine without tensorboard gets the CSV logger
+            logger = TensorBoardLogger(tmp, name="tensorboard", version="",
+                                       default_hp_metric=False)
+        except ModuleNotFoundError:
+            logger = CSVLogger(tmp, name="csv", version="")
+        trainer = instantiate(
+            cfg.trainer, max_steps=total, max_epochs=-1, limit_val_batches=0,
+            num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[ImageRateProgressBar(), LearningRateMonitor(logging_interval="epoch"),
+                       ExactResume(0), timer], logger=logger)
+        trainer.fit(module, datamodule=datamodule)
+    if trainer.global_step != total:
+        raise RuntimeError(f"Lightning ran {trainer.global_step} steps, expected {total}")
+    # The steps the marks were taken at: warm-up windows of n (the last may be shorter), then
+    # the timed windows of n steps each, and the end.
+    edges = list(range(0, warmup, n)) + list(range(warmup, total + 1, n))
+    windows = list(zip(edges, edges[1:], timer.marks, timer.marks[1:]))
+    times = [end - start for first, last, start, end in windows if first >= warmup]
+    warmup_rates = [(last - first) * sizes.batch_images / (end - start)
+                    for first, last, start, end in windows if last <= warmup]
+    before, after = timer.usage_start, timer.usage_end
+    usage = {"minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / (repeats * n),
+             "user_s_per_step": (after.ru_utime - before.ru_utime) / (repeats * n),
+             "sys_s_per_step": (after.ru_stime - before.ru_stime) / (repeats * n)}
+    per_s = n * sizes.batch_images / statistics.median(times)
+    label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
+    return rate(f"train {label} + HDF5 loader, length-bucketed batches, Lightning loop (train.py)",
+                "train", "ours", "images/s", n * sizes.batch_images, times,
+                loader_workers=workers, variant="lightning", allocator="default",
+                logger=type(logger).__name__,
+                encoder_cuda_graph=False, coco_epoch_min=COCO_TRAIN_IMAGES / per_s / 60.0,
+                captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
+                decoder_steps_per_batch=statistics.mean(timer.decoder_steps),
+                warmup_steps=warmup, warmup_images_per_s=warmup_rates, **usage,
+                **cuda_peak_mib(device))
 
 
 def endless_batches(dataset, batch_size: int, workers: int, device: torch.device,
@@ -742,7 +860,8 @@ def preprocess_child(args: dict) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-BENCH_NAME = "bench_5_cap_per_img_1_min_word_freq"
+BENCH_MIN_WORD_FREQ = 1
+BENCH_NAME = f"bench_5_cap_per_img_{BENCH_MIN_WORD_FREQ}_min_word_freq"
 PREPROCESS_CONFIGS = [  # (row name, impl, child arguments)
     ("preprocess plain PIL (full decode, resize)", "baseline", {"mode": "plain", "workers": None}),
     ("preprocess create_input_files num_workers=0", "ours", {"mode": "ours", "workers": 0}),
@@ -1005,6 +1124,15 @@ TARGETS = [  # (label, numerator, denominator, target); a side is (name, impl[, 
     ("train frozen + HDF5 loader, length-bucketed: encoder CUDA graph / eager",
      ("train frozen encoder + HDF5 loader, length-bucketed batches, encoder CUDA graph", "ours"),
      ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"), "(report)"),
+    ("train frozen + HDF5 loader, length-bucketed: Lightning loop (train.py) / plain step",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches, Lightning loop (train.py)",
+      "ours"),
+     ("train frozen encoder + HDF5 loader, length-bucketed batches", "ours"), "(report)"),
+    ("train frozen + HDF5 loader, length-bucketed: Lightning loop (train.py) / plain step, "
+     "keep_freed_memory",
+     ("train frozen encoder + HDF5 loader, length-bucketed batches, Lightning loop (train.py)"
+      + KEEP, "ours"),
+     ("train frozen encoder + HDF5 loader, length-bucketed batches" + KEEP, "ours"), "(report)"),
     ("train frozen + HDF5 loader, plain batches: expandable_segments / default allocator",
      ("train frozen encoder + HDF5 loader, expandable_segments allocator", "ours"),
      ("train frozen encoder + HDF5 loader", "ours"), "(report)"),
@@ -1108,7 +1236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only the training rows whose kind:encoder:variant key matches, e.g. "
                              "'loader:frozen:bucketed' or 'loader:.*expandable' (keys: ours, "
                              "tutorial or loader; frozen or fine-tuned; synthetic, pinned, "
-                             "bucketed, unpinned or preloaded, +expandable, +graph, "
+                             "bucketed, lightning, unpinned or preloaded, +expandable, +graph, "
                              "+keep_freed_memory)")
     parser.add_argument("--workdir", default=None,
                         help="where the JPEGs and HDF5 files go (default: a temp folder, removed)")
