@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks --help``. Groups (``--only``): ``train`` (captions/s and images/s of a
 full optimisation step, frozen and fine-tuned encoder, plus ours with the real HDF5 loader in
-the loop), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with
+the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs it), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with
 0/1/2 worker processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB,
 peak RSS for a small and a large Karpathy JSON) and ``loader``
 (``CaptionH5Dataset`` + DataLoader images/s by worker count). Every number is the median of
