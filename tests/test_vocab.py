@@ -63,6 +63,7 @@ def test_bad_word_maps_are_rejected(tmp_path):
         WordMap.load(bad)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors via /proc")
 def test_atomic_json_reaches_the_disk_before_its_name_does(tmp_path, monkeypatch):
     """The data is flushed (fsync) before the rename and the folder after it, so a crash
     leaves the old file or the new one under the name, never a partial one; no temp is left."""
