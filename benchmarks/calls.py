@@ -138,6 +138,7 @@ def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: boo
             if mode is not None:
                 mode.phase = phase
 
+        enter("encoder")  # the images' normalisation belongs to encoding
         with ExitStack() as stack:
             if mode is not None:
                 stack.enter_context(mode)
