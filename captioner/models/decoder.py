@@ -227,12 +227,9 @@ class AttentionLSTMDecoder(nn.Module):
                              f"min {steps.min() + 1}, max {steps.max() + 1}")
         max_steps = int(steps.max())
 
-        # Per-image work once, then one copy per caption row.
+        # Per-image work once; the gather below makes one copy per caption row.
         projected = self.project(features)
         h, c = self.init_state(features)
-        if captions_per_image > 1:
-            features, projected, h, c = (x.repeat_interleave(captions_per_image, dim=0)
-                                         for x in (features, projected, h, c))
 
         order = np.argsort(-steps, kind="stable")  # longest first
         decoding = np.arange(max_steps)[:, None] < steps[order][None, :]  # (L, N): sorted rows
@@ -241,13 +238,16 @@ class AttentionLSTMDecoder(nn.Module):
         # caller's (N, L) layout, step after step (the order torch.cat(per-step outputs) has).
         step_of, rank_of = np.nonzero(decoding)
         device = captions.device
-        # Every step's input tokens, step after step, in one gather: (sum of n_t,) flat indices
-        # into the caller's (N, T) captions. The three index arrays go over in one copy.
-        host = torch.from_numpy(np.concatenate([order, order[rank_of] * num_tokens + step_of,
+        # The image of each sorted row (row n belongs to image n // captions_per_image): one
+        # gather copies the per-image tensors to the sorted caption rows. Every step's input
+        # tokens, step after step, in one gather too: (sum of n_t,) flat indices into the
+        # caller's (N, T) captions. The three index arrays go over in one copy.
+        host = torch.from_numpy(np.concatenate([order // captions_per_image,
+                                                order[rank_of] * num_tokens + step_of,
                                                 order[rank_of] * max_steps + step_of]))
-        order_t, inputs, places = copy_to_device(host, device).split(
+        image_of, inputs, places = copy_to_device(host, device).split(
             [num_rows, len(step_of), len(step_of)])
-        features, projected, h, c = (x.index_select(0, order_t)
+        features, projected, h, c = (x.index_select(0, image_of)
                                      for x in (features, projected, h, c))
         # One embedding lookup for all steps and the tokens' part of the LSTM's input product
         # for all of them in one matrix product (as cuDNN's LSTM does), split into the steps'
