@@ -117,21 +117,9 @@ def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: boo
             group["foreach"] = True
     ids = bench.special_ids(sizes)
     rng = np.random.default_rng(seed)
-    b, k = sizes.batch_images, sizes.captions_per_image
 
     def make_batch() -> dict:
-        captions, lengths = bench.synthetic_captions(rng, b * k * (8 if bucketed else 1), sizes,
-                                                     ids["pad_id"], ids["start_id"], ids["end_id"])
-        if bucketed:  # the b images of most alike longest caption out of 8 batches' worth
-            longest = lengths.reshape(-1, k).max(axis=1)
-            start = rng.integers(0, len(longest) - b + 1)
-            keep = np.argsort(longest, kind="stable")[start:start + b]
-            captions = captions.reshape(-1, k, captions.shape[1])[keep].reshape(b * k, -1)
-            lengths = lengths.reshape(-1, k)[keep].reshape(-1)
-        images = torch.randint(0, 256, (b, 3, sizes.image_size, sizes.image_size),
-                               dtype=torch.uint8)
-        return {"images": images, "captions": torch.from_numpy(captions).view(b, k, -1),
-                "lengths": torch.from_numpy(lengths).view(b, k)}
+        return bench.synthetic_batch(rng, sizes, ids, pool=8 if bucketed else 1)
 
     def step(batch: dict, mode: CallCount | None) -> None:
         def enter(phase: str) -> None:

@@ -2,10 +2,11 @@
 
 Run ``python -m benchmarks --help``. Groups (``--only``): ``train`` (captions/s and images/s of a
 full optimisation step, frozen and fine-tuned encoder, plus ours with the real HDF5 loader in
-the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs it), ``decode`` (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with
-0/1/2 worker processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB,
-peak RSS for a small and a large Karpathy JSON) and ``loader``
-(``CaptionH5Dataset`` + DataLoader images/s by worker count). Every number is the median of
+the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs it), ``decode``
+(greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with 0/1/2 worker
+processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB, peak RSS for
+a small and a large Karpathy JSON) and ``loader`` (``CaptionH5Dataset`` + DataLoader images/s by
+worker count). Every number is the median of
 ``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
 loader-in-the-loop rows on CUDA after 160), with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
@@ -149,11 +150,14 @@ def measure_with_usage(fn: Callable[[], object], repeats: int, device: torch.dev
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    usage = {"minor_faults_per_run": (after.ru_minflt - before.ru_minflt) / repeats,
-             "user_s_per_run": (after.ru_utime - before.ru_utime) / repeats,
-             "sys_s_per_run": (after.ru_stime - before.ru_stime) / repeats}
-    return times, usage
+    return times, usage_per_run(before, resource.getrusage(resource.RUSAGE_SELF), repeats)
+
+
+def usage_per_run(before, after, runs: int) -> dict:
+    """Mean minor page faults and user/system CPU seconds per run between two ``getrusage``."""
+    return {"minor_faults_per_run": (after.ru_minflt - before.ru_minflt) / runs,
+            "user_s_per_run": (after.ru_utime - before.ru_utime) / runs,
+            "sys_s_per_run": (after.ru_stime - before.ru_stime) / runs}
 
 
 def rate(name: str, group: str, impl: str, unit: str, amount: float, times: list[float],
@@ -210,6 +214,25 @@ def synthetic_captions(rng: np.random.Generator, n: int, sizes: Sizes, pad_id: i
     return rows, lengths
 
 
+def synthetic_batch(rng: np.random.Generator, sizes: Sizes, ids: dict[str, int],
+                    pool: int = 1) -> dict[str, torch.Tensor]:
+    """B images x k captions as the loader delivers them (uint8 images, ``(B, k, T)`` captions,
+    ``(B, k)`` lengths). ``pool`` > 1: the B images of most alike longest caption out of
+    ``pool`` batches' worth, as length-bucketed batches have them."""
+    b, k, s = sizes.batch_images, sizes.captions_per_image, sizes.image_size
+    captions, lengths = synthetic_captions(rng, b * k * pool, sizes, ids["pad_id"],
+                                           ids["start_id"], ids["end_id"])
+    if pool > 1:
+        longest = lengths.reshape(-1, k).max(axis=1)
+        start = rng.integers(0, len(longest) - b + 1)
+        keep = np.argsort(longest, kind="stable")[start:start + b]
+        captions = captions.reshape(-1, k, captions.shape[1])[keep].reshape(b * k, -1)
+        lengths = lengths.reshape(-1, k)[keep].reshape(-1)
+    return {"images": torch.from_numpy(rng.integers(0, 256, (b, 3, s, s), dtype=np.uint8)),
+            "captions": torch.from_numpy(captions).view(b, k, -1),
+            "lengths": torch.from_numpy(lengths).view(b, k)}
+
+
 def special_ids(sizes: Sizes) -> dict[str, int]:
     """The tutorial's word-map layout: words 1..V-4, then <unk>, <start>, <end>; <pad> = 0."""
     v = sizes.vocab_size
@@ -233,6 +256,14 @@ def build_ours(sizes: Sizes, device: torch.device, fine_tune: bool, vocab_size: 
     module.to(device).train()
     optimizer = module.configure_optimizers()["optimizer"]
     return module, optimizer
+
+
+def build_ours_for(data: "DataSet", sizes: Sizes, device: torch.device, fine_tune: bool,
+                   cuda_graph: bool = False):
+    """:func:`build_ours` for the prepared benchmark data: its word map's size and special ids."""
+    ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
+    return build_ours(sizes, device, fine_tune, ids=ids, cuda_graph=cuda_graph,
+                      vocab_size=max(sizes.vocab_size, data.vocab_size))
 
 
 def ours_train_step(module, optimizer, device: torch.device) -> Callable[[dict], float]:
@@ -410,13 +441,8 @@ def train_row(spec: dict) -> dict:
     s, fine_tune = sizes.image_size, spec["fine_tune"]
     label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
     if spec["kind"] == "ours":
-        # B images x k captions, uint8 images as the loader delivers them.
         b, k = sizes.batch_images, sizes.captions_per_image
-        captions, lengths = synthetic_captions(rng, b * k, sizes, ids["pad_id"], ids["start_id"],
-                                               ids["end_id"])
-        batch = {"images": torch.from_numpy(rng.integers(0, 256, (b, 3, s, s), dtype=np.uint8)),
-                 "captions": torch.from_numpy(captions).view(b, k, -1),
-                 "lengths": torch.from_numpy(lengths).view(b, k)}
+        batch = synthetic_batch(rng, sizes, ids)
         if device.type == "cuda":
             batch = {key: v.pin_memory() for key, v in batch.items()}
         module, optimizer = build_ours(sizes, device, fine_tune)
@@ -474,10 +500,7 @@ def bench_train_with_loader(sizes: Sizes, device: torch.device, repeats: int, da
 
     dataset = CaptionH5Dataset(data.folder, data.name, "train",
                                captions_per_sample=sizes.captions_per_image)
-    ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
-    module, optimizer = build_ours(sizes, device, fine_tune=fine_tune,
-                                   vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids,
-                                   cuda_graph=cuda_graph)
+    module, optimizer = build_ours_for(data, sizes, device, fine_tune, cuda_graph=cuda_graph)
     step = ours_train_step(module, optimizer, device)
     batches = endless_batches(dataset, sizes.batch_images, workers, device,
                               pin_memory=variant != "unpinned", bucketed=variant == "bucketed")
@@ -535,8 +558,9 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
     ``LengthBucketSampler`` and the transfer hook that keeps the lengths on the host), the
     progress bar, ``LearningRateMonitor`` and ``ExactResume`` callbacks and the TensorBoard
     logger. Left out: the checkpoint and early-stopping callbacks and the LR schedule, which act
-    only at validation or at epoch ends on its score (there is no validation here). Steps are timed by a callback in windows of ``train_loader_batches``
-    steps after ``train_loader_warmup``, synchronised at the window edges. The benchmark's
+    only at validation or at epoch ends on its score (there is no validation here). Steps are
+    timed by a callback in windows of ``train_loader_batches`` steps after
+    ``train_loader_warmup``, synchronised at the window edges. The benchmark's
     train split is 50 batches, so an epoch ends every 50 steps (COCO's is 3,540): if anything,
     this row is slower than ``train.py`` on COCO.
     """
@@ -551,9 +575,7 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
 
     n, warmup = sizes.train_loader_batches, sizes.train_loader_warmup
     total = warmup + repeats * n
-    ids = {key: data.special_ids[key] for key in ("pad_id", "unk_id", "start_id", "end_id")}
-    module, _ = build_ours(sizes, device, fine_tune=fine_tune,
-                           vocab_size=max(sizes.vocab_size, data.vocab_size), ids=ids)
+    module, _ = build_ours_for(data, sizes, device, fine_tune)
     # Its LR schedule steps per epoch on val/bleu4, and there is no validation here: the
     # optimiser alone (the schedule costs nothing per step).
     configure = module.configure_optimizers
@@ -621,10 +643,7 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
     times = [end - start for first, last, start, end in windows if first >= warmup]
     warmup_rates = [(last - first) * sizes.batch_images / (end - start)
                     for first, last, start, end in windows if last <= warmup]
-    before, after = timer.usage_start, timer.usage_end
-    usage = {"minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / (repeats * n),
-             "user_s_per_step": (after.ru_utime - before.ru_utime) / (repeats * n),
-             "sys_s_per_step": (after.ru_stime - before.ru_stime) / (repeats * n)}
+    usage = usage_per_run(timer.usage_start, timer.usage_end, repeats)
     per_s = n * sizes.batch_images / statistics.median(times)
     label = "fine-tuned encoder (blocks 2-4)" if fine_tune else "frozen encoder"
     return rate(f"train {label} + HDF5 loader, length-bucketed batches, Lightning loop (train.py)",
@@ -634,7 +653,7 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
                 encoder_cuda_graph=False, coco_epoch_min=COCO_TRAIN_IMAGES / per_s / 60.0,
                 captions_per_s=per_s * sizes.captions_per_image, steps_per_run=n,
                 decoder_steps_per_batch=statistics.mean(timer.decoder_steps),
-                warmup_steps=warmup, warmup_images_per_s=warmup_rates, **usage,
+                warmup_steps=warmup, warmup_images_per_s=warmup_rates, **per_step(usage, n),
                 **cuda_peak_mib(device))
 
 
