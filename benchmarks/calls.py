@@ -100,8 +100,23 @@ class CallCount(TorchDispatchMode):
 
 
 def _cuda_path_lstm_cell(input_gates, hidden_gates, c):
-    h, c, _ = aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
-    return h, c
+    return aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
+
+
+def _cuda_path_lstm_cell_backward(grad_h, grad_c, c, c_next, workspace):
+    grad_gates, grad_c, _ = aten._thnn_fused_lstm_cell_backward_impl(grad_h, grad_c, c, c_next,
+                                                                      workspace, False)
+    return grad_gates, grad_c
+
+
+def cuda_lstm_path() -> ExitStack:
+    """Sends the decoder's teacher-forced loop down its CUDA path: the fused LSTM kernels,
+    forward and backward (which :class:`CallCount` computes on the CPU)."""
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(decoder_module, "_lstm_cell", _cuda_path_lstm_cell))
+    stack.enter_context(mock.patch.object(decoder_module, "_lstm_cell_backward",
+                                          _cuda_path_lstm_cell_backward))
+    return stack
 
 
 def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: bool,
@@ -154,8 +169,7 @@ def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: boo
     decoder_steps = []
     with ExitStack() as stack:
         if device.type != "cuda":
-            stack.enter_context(mock.patch.object(decoder_module, "_lstm_cell",
-                                                  _cuda_path_lstm_cell))
+            stack.enter_context(cuda_lstm_path())
         mode = CallCount()
         for _ in range(steps):
             batch = make_batch()

@@ -137,7 +137,7 @@ class AttentionLSTMDecoder(nn.Module):
         h, c = self.decode_step(torch.cat([embedded, context], dim=1), (state.h, state.c))
         return DecoderState(h, c), alpha
 
-    def _pass_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def _pass_weights(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """The weights the teacher-forced loop uses at every step, built once per pass,
         transposed for ``addmm`` and in ``dtype`` (the hidden state's: under autocast the
         casts are then done once per pass, not once per step).
@@ -146,31 +146,15 @@ class AttentionLSTMDecoder(nn.Module):
         LSTM's ``W_hh h + b_hh``, is one matrix product: weight (H, A + D + 4H) and bias
         (A + D + 4H,). The third is the context's part of the LSTM's input product,
         ``W_ih[:, E:]`` (D, 4H); its embedding part is applied to all steps' tokens at once,
-        before the loop.
+        before the loop. Last, the attention's ``full_att`` weight (1, A) and bias (1,).
         """
         layers = (self.attention.decoder_att, self.f_beta)
         lstm = self.decode_step
         weight = torch.cat([layer.weight for layer in layers] + [lstm.weight_hh]).to(dtype)
         bias = torch.cat([layer.bias for layer in layers] + [lstm.bias_hh]).to(dtype)
-        return weight.t(), bias, lstm.weight_ih[:, self.embed_dim:].to(dtype).t()
-
-    def _teacher_forced_step(self, input_gates: Tensor, state: DecoderState, features: Tensor,
-                             projected: Tensor, weights: tuple[Tensor, Tensor, Tensor]
-                             ) -> tuple[DecoderState, Tensor]:
-        """:meth:`_recur` given the token's part of the LSTM's input gates, ``W_ih[:, :E] x +
-        b_ih`` (N, 4H), with the products regrouped as :meth:`_pass_weights` describes:
-        outside the attention, two matrix products and the LSTM kernel per step instead of
-        three products, a concatenation and the kernel (and fewer backward kernels and gradient
-        sums to match). The same function up to float rounding; tests compare it with
-        :meth:`step`."""
-        hidden_weight, hidden_bias, context_weight = weights
-        hidden_att, hidden_gate, hidden_gates = torch.addmm(
-            hidden_bias, state.h, hidden_weight).split(
-            [self.attention_dim, self.encoder_dim, 4 * self.decoder_dim], dim=1)
-        context, alpha = self.attention.attend(features, projected, hidden_att)
-        context = self.sigmoid(hidden_gate) * context  # (N, D)
-        input_gates = torch.addmm(input_gates, context, context_weight)
-        return DecoderState(*_lstm_cell(input_gates, hidden_gates, state.c)), alpha
+        full_att = self.attention.full_att
+        return (weight.t(), bias, lstm.weight_ih[:, self.embed_dim:].to(dtype).t(),
+                full_att.weight.to(dtype), full_att.bias.to(dtype))
 
     def step(self, tokens: Tensor, state: DecoderState, features: Tensor,
              projected: Tensor) -> StepOutput:
@@ -241,64 +225,249 @@ class AttentionLSTMDecoder(nn.Module):
         # The image of each sorted row (row n belongs to image n // captions_per_image): one
         # gather copies the per-image tensors to the sorted caption rows. Every step's input
         # tokens, step after step, in one gather too: (sum of n_t,) flat indices into the
-        # caller's (N, T) captions. The three index arrays go over in one copy.
+        # caller's (N, T) captions. Then the outputs' places in the caller's (N, L) layout and
+        # in the sorted rows' (N, L) layout (for the features' gradient). The index arrays go
+        # over in one copy.
         host = torch.from_numpy(np.concatenate([order // captions_per_image,
                                                 order[rank_of] * num_tokens + step_of,
-                                                order[rank_of] * max_steps + step_of]))
-        image_of, inputs, places = copy_to_device(host, device).split(
-            [num_rows, len(step_of), len(step_of)])
+                                                order[rank_of] * max_steps + step_of,
+                                                rank_of * max_steps + step_of]))
+        image_of, inputs, places, sorted_places = copy_to_device(host, device).split(
+            [num_rows, len(step_of), len(step_of), len(step_of)])
         features, projected, h, c = (x.index_select(0, image_of)
                                      for x in (features, projected, h, c))
         # One embedding lookup for all steps and the tokens' part of the LSTM's input product
-        # for all of them in one matrix product (as cuDNN's LSTM does), split into the steps'
-        # inputs (no per-step slicing, whose backward costs kernels at every step). In the
-        # state's dtype: under autocast the loop's products are bf16/fp16, so casting once here
-        # saves a cast per step.
-        state = DecoderState(h, c)
+        # for all of them in one matrix product (as cuDNN's LSTM does). In the state's dtype:
+        # under autocast the loop's products are bf16/fp16, so casting once here saves a cast
+        # per step.
         lstm = self.decode_step
         embedded = self.embedding(captions.reshape(-1).index_select(0, inputs))
         input_gates = F.linear(embedded, lstm.weight_ih[:, :self.embed_dim], lstm.bias_ih)
-        input_gates = input_gates.to(h.dtype).split(active)
-
-        hiddens, alphas = [], []
-        weights = self._pass_weights(h.dtype)
-        for n, step_input in zip(active, input_gates):
-            # Rows are sorted, so the first n rows are the ones still decoding at this step.
-            # Slice only when rows have ended: a step that keeps every row adds no slicing.
-            if n < state.h.size(0):
-                state = DecoderState(state.h[:n], state.c[:n])
-                features, projected = features[:n], projected[:n]
-            state, alpha = self._teacher_forced_step(step_input, state, features, projected,
-                                                     weights)
-            hiddens.append(state.h)
-            alphas.append(alpha)
+        # The features too: under autocast the attention's bmm would cast fp32 features at
+        # every step (the encoder's features are bf16 there already, so this is usually none).
+        loop_inputs = (input_gates.to(h.dtype), h, c, features.to(h.dtype), projected,
+                       *self._pass_weights(h.dtype))
+        if torch.is_grad_enabled() and any(x.requires_grad for x in loop_inputs):
+            hiddens, alphas = _TeacherForcedLoop.apply(active, sorted_places, *loop_inputs)
+        else:
+            hiddens, alphas = _unroll(active, *loop_inputs)[:2]
 
         # The output layer once over every real position: one large matrix product instead of
         # one per step (the V-wide layer dominates the decoder's cost), none on padding. The
-        # per-step outputs are joined once (no per-step copies into a buffer, whose backward
-        # costs several kernels per step) and land in place in the caller's row order.
+        # per-step outputs land in place in the caller's row order.
         def placed(per_step: Tensor) -> Tensor:  # (sum of n_t, X) -> (N, L, X), 0 on padding
             out = per_step.new_zeros(num_rows * max_steps, per_step.size(1))
             return out.index_copy(0, places, per_step).view(num_rows, max_steps, -1)
 
-        scores = self.fc(self.dropout(torch.cat(hiddens)))  # (sum of n_t, V)
-        return DecoderOutput(placed(scores), placed(torch.cat(alphas)))
+        scores = self.fc(self.dropout(hiddens))  # (sum of n_t, V)
+        return DecoderOutput(placed(scores), placed(alphas))
 
 
-def _lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+class _Saved(NamedTuple):
+    """What one teacher-forced step keeps for its backward pass (n rows decoding)."""
+    h: Tensor  # (n, H) the state it started from
+    c: Tensor  # (n, H)
+    c_next: Tensor  # (n, H) the cell state it computed
+    workspace: Tensor  # (n, 4H) the LSTM's activated gates i|f|g|o
+    features: Tensor  # (n, P, D)
+    gate: Tensor  # (n, D) sigmoid(f_beta(h))
+    context: Tensor  # (n, D) before the gate
+    gated: Tensor  # (n, D) gate * context, the LSTM's input besides the token
+
+
+def _unroll(active: list[int], input_gates: Tensor, h: Tensor, c: Tensor, features: Tensor,
+            projected: Tensor, hidden_weight: Tensor, hidden_bias: Tensor,
+            context_weight: Tensor, score_weight: Tensor, score_bias: Tensor,
+            save: bool = False) -> tuple[Tensor, Tensor, list[_Saved], Tensor | None]:
+    """The teacher-forced loop over sorted rows, ``active[t]`` of them decoding at step t: the
+    arithmetic of :meth:`AttentionLSTMDecoder._recur` (attention, gate, LSTM cell) with the
+    products regrouped as :meth:`AttentionLSTMDecoder._pass_weights` describes: per step two
+    matrix products and the LSTM kernel outside the attention, instead of three products, a
+    concatenation and the kernel. The same function up to float rounding; tests compare it
+    with :meth:`AttentionLSTMDecoder.step`.
+
+    Args:
+        active: rows decoding at each step, non-increasing; rows are sorted longest first, so
+            the first ``active[t]`` rows are the ones decoding at step t.
+        input_gates: (sum of n_t, 4H) the tokens' part of the LSTM's input gates, ``W_ih[:, :E]
+            x + b_ih``, step after step.
+        h, c: (N, H) initial state; features (N, P, D), projected (N, P, A) per sorted row.
+        hidden_weight, hidden_bias, context_weight, score_weight, score_bias: as
+            ``_pass_weights`` gives them.
+        save: keep what :class:`_TeacherForcedLoop` needs for its backward pass.
+
+    Returns:
+        hiddens (sum of n_t, H), alphas (sum of n_t, P), the per-step saved tensors, and the
+        attention's ``relu`` outputs (sum of n_t, P, A) (both only with ``save``).
+    """
+    attention_dim, encoder_dim = projected.size(2), features.size(2)
+    splits = [attention_dim, encoder_dim, hidden_weight.size(1) - attention_dim - encoder_dim]
+    # With ``save`` each step's attention activations are written into one tensor for all
+    # steps, so the backward pass gets full_att's weight gradient from one product.
+    activations = projected.new_empty(sum(active), *projected.shape[1:]) if save else None
+    outs = activations.split(active) if save else [None] * len(active)
+    hiddens, alphas, saved = [], [], []
+    for n, step_input, out in zip(active, input_gates.split(active), outs):
+        # Slice only when rows have ended: a step that keeps every row adds no slicing.
+        if n < h.size(0):
+            h, c, features, projected = h[:n], c[:n], features[:n], projected[:n]
+        hidden_att, hidden_gate, hidden_gates = torch.addmm(hidden_bias, h, hidden_weight).split(
+            splits, dim=1)
+        activation = torch.add(projected, hidden_att[:, None], out=out).relu_()  # (n, P, A)
+        alpha = F.softmax(F.linear(activation, score_weight, score_bias).squeeze(2), dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (n, D)
+        gate = torch.sigmoid(hidden_gate)
+        gated = gate * context
+        h_next, c_next, workspace = _lstm_cell(torch.addmm(step_input, gated, context_weight),
+                                               hidden_gates, c)
+        if save:
+            saved.append(_Saved(h, c, c_next, workspace, features, gate, context, gated))
+        h, c = h_next, c_next
+        hiddens.append(h)
+        alphas.append(alpha)
+    return torch.cat(hiddens), torch.cat(alphas), saved, activations
+
+
+class _TeacherForcedLoop(torch.autograd.Function):
+    """:func:`_unroll` with a backward pass written for it, in place of autograd's.
+
+    A training step on one GPU is bound by the host's calls (docs/performance.md). Autograd's
+    backward of the loop makes 45 ATen calls per decoder step (25 of them kernels), with a
+    product, a transpose and a sum for each weight's gradient at every step, and its engine
+    walks about a dozen nodes per step. This backward runs the loop in reverse carrying only
+    the gradients of the state and the attention: 19 calls per step (15 kernels; the fused
+    LSTM backward on CUDA). Every weight's gradient then comes from one product over all
+    steps. Gradients equal autograd's up to float rounding (tests compare them with feeding
+    :meth:`AttentionLSTMDecoder.step` token by token); no double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, active: list[int], sorted_places: Tensor, *inputs: Tensor):
+        hiddens, alphas, saved, activations = _unroll(active, *inputs, save=True)
+        ctx.active, ctx.steps, ctx.activations = active, saved, activations
+        ctx.shapes = inputs[3].shape  # features (N, P, D)
+        ctx.save_for_backward(sorted_places, *inputs[4:], alphas)
+        return hiddens, alphas
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hiddens: Tensor | None, grad_alphas: Tensor | None):
+        (sorted_places, projected, hidden_weight, _, context_weight, score_weight, _,
+         alphas) = ctx.saved_tensors
+        active, steps, activations = ctx.active, ctx.steps, ctx.activations
+        needs = ctx.needs_input_grad[2:]  # input_gates, h, c, features, projected, weights...
+        rows, regions, encoder_dim = ctx.shapes
+        first = steps[0]
+        hidden_dim = first.h.size(1)
+        with torch.autocast(first.h.device.type, enabled=False):
+            if grad_hiddens is None:
+                grad_hiddens = first.h.new_zeros(sum(active), hidden_dim)
+            grad_hiddens = grad_hiddens.split(active)
+            grad_alphas = None if grad_alphas is None else grad_alphas.split(active)
+            step_alphas, step_activations = alphas.split(active), activations.split(active)
+            # The gradients flowing into the state of the step below, for its rows (the first
+            # ones), as it computes them; zero rows are added only where rows have ended.
+            grad_h, grad_c = None, first.c.new_zeros(active[-1], hidden_dim)
+            grad_projected = torch.zeros_like(projected) if needs[4] else None
+            grad_projected_rows = None
+            hidden_weight_t, context_weight_t = hidden_weight.t(), context_weight.t()
+            grad_scores, grad_contexts, grad_products = [], [], []
+            for t in reversed(range(len(active))):
+                n, step, alpha = active[t], steps[t], step_alphas[t]
+                if grad_h is None:  # the last step: nothing flows back into its state
+                    grad_h = grad_hiddens[t]
+                else:
+                    if grad_h.size(0) < n:  # rows that ended at step t + 1
+                        grad_h, grad_c = (F.pad(x, (0, 0, 0, n - x.size(0)))
+                                          for x in (grad_h, grad_c))
+                    grad_h = grad_hiddens[t] + grad_h
+                grad_gates, grad_c = _lstm_cell_backward(grad_h, grad_c, step.c, step.c_next,
+                                                         step.workspace)  # (n, 4H), (n, H)
+                grad_gated = torch.mm(grad_gates, context_weight_t)  # (n, D)
+                grad_context = grad_gated * step.gate
+                grad_gate = torch.ops.aten.sigmoid_backward(grad_gated * step.context, step.gate)
+                grad_alpha = torch.bmm(grad_context.unsqueeze(1), step.features.transpose(1, 2)
+                                       ).squeeze(1)
+                grad_alpha = grad_alpha.to(alpha.dtype)  # (n, P)
+                if grad_alphas is not None:
+                    grad_alpha = grad_alpha + grad_alphas[t]
+                grad_score = torch._softmax_backward_data(grad_alpha, alpha, 1, alpha.dtype).to(
+                    score_weight.dtype)  # (n, P)
+                grad_activation = torch.ops.aten.threshold_backward(
+                    grad_score.unsqueeze(2) * score_weight, step_activations[t], 0)  # (n, P, A)
+                if grad_projected is not None:
+                    if grad_projected_rows is None or grad_projected_rows.size(0) != n:
+                        grad_projected_rows = grad_projected[:n]
+                    grad_projected_rows.add_(grad_activation)
+                grad_product = torch.cat([grad_activation.sum(1), grad_gate, grad_gates], dim=1)
+                grad_h = torch.mm(grad_product, hidden_weight_t)  # (n, H)
+                grad_scores.append(grad_score)
+                grad_contexts.append(grad_context)
+                grad_products.append(grad_product)
+
+            # Every weight's gradient in one product over all steps (in step order).
+            grad_product = torch.cat(grad_products[::-1])  # (sum of n_t, A + D + 4H)
+            grad_input_gates = grad_product[:, -4 * hidden_dim:]
+            grad_score = torch.cat(grad_scores[::-1])  # (sum of n_t, P)
+            grads = [grad_input_gates, grad_h, grad_c, None, grad_projected, None, None, None,
+                     None, None]
+            if needs[3]:  # the features: sum over steps of alpha^T grad_context, per row
+                max_steps = len(active)
+                dtype = first.features.dtype
+                padded_alphas = alphas.new_zeros(rows * max_steps, regions, dtype=dtype)
+                padded_alphas.index_copy_(0, sorted_places, alphas.to(dtype))
+                padded_contexts = alphas.new_zeros(rows * max_steps, encoder_dim, dtype=dtype)
+                padded_contexts.index_copy_(0, sorted_places, torch.cat(grad_contexts[::-1]))
+                grads[3] = torch.bmm(padded_alphas.view(rows, max_steps, regions).transpose(1, 2),
+                                     padded_contexts.view(rows, max_steps, encoder_dim))
+            if needs[5] or needs[6]:
+                h_in = torch.cat([step.h for step in steps])
+                grads[5] = torch.mm(h_in.t(), grad_product)
+                grads[6] = grad_product.sum(0)
+            if needs[7]:
+                grads[7] = torch.mm(torch.cat([step.gated for step in steps]).t(),
+                                    grad_input_gates)
+            if needs[8] or needs[9]:
+                grads[8] = torch.mm(grad_score.view(1, -1),
+                                    activations.view(-1, activations.size(2)))
+                grads[9] = grad_score.sum().view(1)
+        return (None, None, *grads)
+
+
+def _lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM cell's pointwise part, ``nn.LSTMCell`` given its two gate products (biases
-    included): gates i, f, g, o in that order. On CUDA PyTorch's own fused kernel (the one
-    ``nn.LSTMCell`` calls there, one kernel forward and one backward); elsewhere the same
-    arithmetic as ``nn.LSTMCell`` on the CPU."""
+    included): gates i, f, g, o in that order. Returns h, c and the activated gates (the
+    backward pass's workspace). On CUDA PyTorch's own fused kernel (the one ``nn.LSTMCell``
+    calls there); elsewhere the same arithmetic as ``nn.LSTMCell`` on the CPU."""
     if input_gates.is_cuda:
-        h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
-        return h, c
-    # As ATen's CPU cell: in place on the chunks of a fresh tensor (unsafe_chunk's outputs are
-    # not views to autograd, so this needs no copies).
-    i, f, g, o = (input_gates + hidden_gates).unsafe_chunk(4, dim=1)
+        return torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
+    # As ATen's CPU cell: in place on the chunks of a fresh tensor.
+    gates = input_gates + hidden_gates
+    i, f, g, o = gates.unsafe_chunk(4, dim=1)
     i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
     c = f.mul(c).add_(i.mul(g))
-    return o.mul(c.tanh()), c
+    return o.mul(c.tanh()), c, gates
+
+
+def _lstm_cell_backward(grad_h: Tensor, grad_c: Tensor, c: Tensor, c_next: Tensor,
+                        workspace: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`_lstm_cell`'s gate inputs (n, 4H) and of its cell state c
+    (n, H), given those of its outputs h and c_next. On CUDA PyTorch's fused backward kernel
+    (the one ``nn.LSTMCell``'s backward calls there)."""
+    if c.is_cuda:
+        grad_gates, grad_c, _ = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
+            grad_h, grad_c, c, c_next, workspace, False)
+        return grad_gates, grad_c
+    aten = torch.ops.aten
+    i, f, g, o = workspace.unsafe_chunk(4, dim=1)
+    tanh_c = c_next.tanh()
+    grad_c = aten.tanh_backward(grad_h * o, tanh_c).add_(grad_c)
+    grad_gates = torch.cat([aten.sigmoid_backward(grad_c * g, i),
+                            aten.sigmoid_backward(grad_c * c, f),
+                            aten.tanh_backward(grad_c * i, g),
+                            aten.sigmoid_backward(grad_h * tanh_c, o)], dim=1)
+    return grad_gates, grad_c * f
 
 
 def load_glove_embeddings(path: str | os.PathLike, word_to_id: dict[str, int],
