@@ -570,7 +570,7 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from captioner.callbacks import ExactResume, ImageRateProgressBar
+    from captioner.callbacks import ExactResume
     from captioner.data.datamodule import CaptionDataModule
 
     n, warmup = sizes.train_loader_batches, sizes.train_loader_warmup
@@ -631,8 +631,9 @@ def bench_train_lightning(sizes: Sizes, device: torch.device, repeats: int, data
         trainer = instantiate(
             cfg.trainer, max_steps=total, max_epochs=-1, limit_val_batches=0,
             num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
-            callbacks=[ImageRateProgressBar(), LearningRateMonitor(logging_interval="epoch"),
-                       ExactResume(0), timer], logger=logger)
+            callbacks=[instantiate(cfg.callbacks.progress_bar),  # train.py's, as configured
+                       LearningRateMonitor(logging_interval="epoch"), ExactResume(0), timer],
+            logger=logger)
         trainer.fit(module, datamodule=datamodule)
     if trainer.global_step != total:
         raise RuntimeError(f"Lightning ran {trainer.global_step} steps, expected {total}")

@@ -16,16 +16,43 @@ log = logging.getLogger(__name__)
 
 
 class ImageRateProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bars, plus images/s (this rank) on the validation and test bars.
+    """Lightning's TQDM bars, plus images/s (this rank) on the validation and test bars, and a
+    training bar that refreshes at most every ``min_refresh_interval`` seconds.
 
     Validation and test generate captions with free-running search, so their speed is the
     decoding speed users care about; batches/s alone hides the batch size.
+
+    Each refresh of Lightning's training bar reads the logged step metrics (``train/loss``) off
+    the device: a host-device synchronisation, and redrawing the bar costs the host too. A
+    training step on one GPU takes tens of milliseconds and is bound by the host (see
+    docs/performance.md), so refreshing after every step would stall it every step. With the
+    interval the bar refreshes every few steps on a GPU and after every step on a CPU, whose
+    steps take seconds; the last batch of an epoch always refreshes.
+
+    Args:
+        refresh_rate, process_position, leave: as Lightning's ``TQDMProgressBar``.
+        min_refresh_interval: seconds between refreshes of the training bar; 0 refreshes it
+            every ``refresh_rate`` batches, as Lightning does.
     """
 
-    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False,
+                 min_refresh_interval: float = 0.5):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        if min_refresh_interval < 0:
+            raise ValueError(f"min_refresh_interval={min_refresh_interval}; must be >= 0 seconds")
+        self.min_refresh_interval = float(min_refresh_interval)
+        self._last_train_refresh = float("-inf")
         self._images = 0
         self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = self._train_progress_bar
+        last = bar is not None and batch_idx + 1 == bar.total
+        now = time.perf_counter()
+        if not last and now - self._last_train_refresh < self.min_refresh_interval:
+            return
+        self._last_train_refresh = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _reset_rate(self) -> None:
         self._images = 0

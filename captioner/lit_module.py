@@ -8,7 +8,9 @@ documented in ``captioner/data/dataset.py`` is its only contract with the data s
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +26,58 @@ from captioner.search import Hypothesis
 from captioner.vocab import WordMap
 
 DEFAULT_SEARCH = {"beam_size": 1, "max_len": 50, "length_penalty": 0.0}
+
+
+class FiniteLossCheck:
+    """Stops training at a non-finite loss without making every step wait for the GPU.
+
+    Reading a loss on the host waits for the GPU to finish the step so far; a training step on
+    one GPU is bound by the host (docs/performance.md), so a check after the forward pass would
+    stall every step. Instead each step's loss terms go to pinned host memory with an
+    asynchronous copy, and :meth:`check` looks at them later: without waiting at the start of
+    the next steps (the copy is usually done by then), and waiting at the points where a bad
+    step must not get further (before validation, at the end of the epoch, before a checkpoint
+    is written). A non-finite step is thus reported by step and epoch before any checkpoint
+    holds its weights, though the optimiser may have taken that step in memory. On the CPU
+    there is nothing to wait for: the next step checks it.
+    """
+
+    def __init__(self):
+        self._pending: deque[tuple[torch.Tensor, Any, int, int]] = deque()
+
+    def add(self, loss: torch.Tensor, cross_entropy: torch.Tensor, penalty: torch.Tensor,
+            epoch: int, step: int) -> None:
+        values = torch.stack([loss.detach(), cross_entropy.detach(), penalty.detach()]).float()
+        event = None
+        if values.is_cuda:
+            host = torch.empty(3, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self._pending.append((values, event, epoch, step))
+
+    def check(self, wait: bool) -> None:
+        """Raise ``FloatingPointError`` for the first pending non-finite loss; ``wait=False``
+        leaves the losses whose copies are still in flight for a later check."""
+        while self._pending:
+            values, event, epoch, step = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._pending.popleft()
+            loss, cross_entropy, penalty = values.tolist()
+            if not math.isfinite(loss):
+                self._pending.clear()
+                raise FloatingPointError(
+                    f"non-finite training loss ({loss}) at epoch {epoch}, step {step}: cross-entropy "
+                    f"{cross_entropy}, attention penalty {penalty}. Training stopped; the best "
+                    "checkpoint is untouched. Lower the learning rate, keep gradient clipping on, or "
+                    "use precision=32-true.")
+
+    def clear(self) -> None:
+        self._pending.clear()
 
 
 class CaptioningModule(L.LightningModule):
@@ -109,6 +163,7 @@ class CaptioningModule(L.LightningModule):
         self._examples: dict[str, Any] | None = None
         self._epoch_sums: torch.Tensor | None = None  # (loss, top5) x rows over this epoch
         self._epoch_rows = 0
+        self._finite_loss = FiniteLossCheck()
         #: After ``trainer.test``: scores and the gathered captions of the whole split.
         self.test_results: dict[str, Any] | None = None
 
@@ -137,13 +192,10 @@ class CaptioningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self._finite_loss.check(wait=False)  # earlier steps' losses, as far as they are known
         losses, top5, num_captions = self._teacher_forced(batch)
-        if not torch.isfinite(losses.loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({losses.loss.item()}) at epoch {self.current_epoch}, "
-                f"step {self.global_step}: cross-entropy {losses.cross_entropy.item()}, attention penalty "
-                f"{losses.attention_penalty.item()}. Training stopped; the best checkpoint is untouched. "
-                "Lower the learning rate, keep gradient clipping on, or use precision=32-true.")
+        self._finite_loss.add(losses.loss, losses.cross_entropy, losses.attention_penalty,
+                              self.current_epoch, self.global_step)
         # Step values under the plain keys; epoch means get their own keys (not Lightning's
         # automatic _step/_epoch suffixes, so train/loss is what TensorBoard shows).
         self.log("train/loss", losses.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=num_captions)
@@ -156,10 +208,20 @@ class CaptioningModule(L.LightningModule):
         self._epoch_rows += num_captions
         return losses.loss
 
+    def on_train_start(self) -> None:
+        self._finite_loss.clear()
+
     def on_train_epoch_start(self) -> None:
         self._epoch_sums, self._epoch_rows = None, 0
 
+    def on_train_end(self) -> None:
+        self._finite_loss.check(wait=True)
+
+    def on_validation_start(self) -> None:
+        self._finite_loss.check(wait=True)  # no validation, and so no checkpoint, after a bad step
+
     def on_train_epoch_end(self) -> None:
+        self._finite_loss.check(wait=True)
         if self._epoch_sums is not None:
             loss, top5 = self._epoch_sums / self._epoch_rows
             self.log("train/loss_epoch", loss, on_step=False, on_epoch=True)
@@ -259,6 +321,7 @@ class CaptioningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._finite_loss.check(wait=True)  # never write the weights of a non-finite step
         word_map = self._require_word_map()
         checkpoint["word_map"] = word_map.to_dict()
         checkpoint["data_fingerprint"] = (self.hparams.data or {}).get("fingerprint")

@@ -95,6 +95,20 @@ def test_gradients_under_cuda_bf16_autocast_follow_float32(float32_matmuls):
         assert error <= 0.05, (name, error)
 
 
+def test_finite_loss_check_does_not_wait_for_the_gpu_unless_asked():
+    """A loss still being computed is not waited for at the next step's check; a check that
+    must wait (before validation or a checkpoint) reports it."""
+    from captioner.lit_module import FiniteLossCheck
+
+    check = FiniteLossCheck()
+    torch.cuda._sleep(2_000_000_000)  # keeps the stream busy for about a second
+    nan = torch.full((), float("nan"), device="cuda")
+    check.add(nan, nan, nan, epoch=0, step=5)
+    check.check(wait=False)  # the copy is still queued behind the sleep: no wait, no report
+    with pytest.raises(FloatingPointError, match="at epoch 0, step 5"):
+        check.check(wait=True)
+
+
 def test_beam_search_on_cuda_picks_the_cpu_captions(float32_matmuls):
     cpu = small_captioner()
     with torch.no_grad():

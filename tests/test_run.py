@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from captioner import run
-from captioner.lit_module import CaptioningModule
+from captioner.lit_module import CaptioningModule, FiniteLossCheck
 from captioner.vocab import WordMap
 from conftest import CONF, ROOT, compose, tiny_overrides
 
@@ -305,6 +305,23 @@ def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, tmp_path):
     assert before, "the NaN was never injected"
     assert best.read_bytes() == before["bytes"] and best.stat().st_mtime_ns == before["mtime"]
     assert torch.load(best, weights_only=True)["epoch"] == 0
+
+
+def test_finite_loss_check_reports_the_first_non_finite_step_once():
+    """Steps are checked in order; the first non-finite one is reported with its epoch and step
+    and the terms of the loss, and the check is then clear (no second report)."""
+    check = FiniteLossCheck()
+    nan, inf = torch.tensor(float("nan")), torch.tensor(float("inf"))
+    check.add(torch.tensor(2.5), torch.tensor(2.0), torch.tensor(0.5), epoch=0, step=7)
+    check.check(wait=False)  # finite: nothing to report
+    check.add(inf, inf, torch.tensor(0.1), epoch=1, step=8)
+    check.add(nan, nan, nan, epoch=1, step=9)
+    with pytest.raises(FloatingPointError, match=r"\(inf\) at epoch 1, step 8: cross-entropy inf"):
+        check.check(wait=False)
+    check.check(wait=True)  # the later step was dropped with the report
+    check.add(nan, nan, nan, epoch=2, step=3)
+    check.clear()  # a new fit starts clean
+    check.check(wait=True)
 
 
 # ---------------------------------------------------------------------- learning
