@@ -199,6 +199,37 @@ def test_bf16_autocast_stays_close_to_float32(float32_matmuls):
     assert agree > 0.9
 
 
+def test_train_py_steps_do_not_wait_for_the_gpu(tmp_path):
+    """Between an epoch's first and last batch, a train.py step (forward, loss, the non-finite
+    check, backward, clipping, Adam, logging, callbacks) makes no synchronising CUDA call, so
+    the host queues the next step while the GPU runs this one: a step on one GPU is bound by
+    the host. (The progress bar, which reads the loss at each refresh, refreshes only at the
+    epoch's first and last batch here.)"""
+    from lightning.pytorch import Callback
+    from test_run import train_with
+
+    checked = []
+
+    class NoSync(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if 0 < batch_idx < trainer.num_training_batches - 1:
+                checked.append(batch_idx)
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("default")
+
+    cfg = compose("train", tiny_overrides(tmp_path, num_train=64) + [
+        "trainer=gpu", "trainer.devices=1", "trainer.benchmark=false", "trainer.max_epochs=1",
+        "++trainer.log_every_n_steps=1000", "++trainer.limit_val_batches=1", "logger=none",
+        "test_after_fit=false", "callbacks.progress_bar.min_refresh_interval=3600"])
+    try:
+        train_with(cfg, [NoSync()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == list(range(1, 7))  # 64 images in batches of 8
+
+
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_train_and_evaluate_on_one_gpu_in_bf16(tmp_path, cuda_graph):
     """The quickstart on trainer=gpu (bf16-mixed, HDF5 read by 2 workers into pinned memory):
