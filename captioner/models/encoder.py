@@ -9,6 +9,7 @@ tutorial's encoder state dicts load here with ``strict=True``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from functools import partial
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ _LAYER1_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101"
 _STAGE_CHILDREN = {0: ("conv1", "bn1", "relu", "maxpool"), 1: ("layer1",), 2: ("layer2",),
                    3: ("layer3",), 4: ("layer4",)}
 _MAX_CUDA_GRAPHS = 4  # captured input signatures kept per encoder (train, val and test batches)
+_MAX_FOLDED = 2  # folded copies kept per encoder (float32, and the autocast dtype)
 
 
 def _weights_enum(arch: str):
@@ -79,12 +82,38 @@ def _read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
-def _autocast_state() -> tuple[bool, torch.dtype]:
-    """CUDA autocast's current (enabled, dtype)."""
+def _autocast_state(device_type: str = "cuda") -> tuple[bool, torch.dtype]:
+    """Autocast's current (enabled, dtype) for ``device_type``."""
     try:
-        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     except TypeError:  # torch < 2.4
-        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        if device_type == "cuda":
+            return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+
+
+def _fold_batchnorm(trunk: nn.Sequential) -> nn.Sequential:
+    """A copy of frozen trunk modules with every BatchNorm folded into the convolution before
+    it (``conv`` then ``bn`` in eval mode is one convolution with scaled weights and a bias),
+    the BatchNorm replaced by ``nn.Identity``. The same function up to float rounding, with
+    one kernel fewer per convolution. Pairs: consecutive children of a ``Sequential`` (the
+    stem's ``conv1``/``bn1``, ``downsample``) and a block's ``convK``/``bnK``."""
+    folded = copy.deepcopy(trunk)
+    for module in list(folded.modules()):
+        children = dict(module.named_children())
+        names = list(children)
+        if isinstance(module, nn.Sequential):
+            pairs = list(zip(names, names[1:]))
+        else:
+            pairs = [(f"conv{k}", f"bn{k}") for k in range(1, 4)
+                     if f"conv{k}" in children and f"bn{k}" in children]
+        for conv_name, bn_name in pairs:
+            conv, bn = children[conv_name], children[bn_name]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+                children[bn_name] = None  # a folded BatchNorm is nobody's partner again
+    return folded
 
 
 class _CapturedForward:
@@ -141,6 +170,12 @@ class ImageEncoder(nn.Module):
             inference-mode setting) and replay it: one launch instead of ~450 for ResNet-101,
             whose Python-side cost bounds a frozen-encoder training step on a fast GPU. Same
             kernels, same features. Off by default until measured (docs/performance.md).
+        fold_batchnorm: run the frozen stages from a copy with each BatchNorm folded into the
+            convolution before it (in the autocast dtype when autocast is on): for a frozen
+            ResNet-101, 104 BatchNorm passes over the activations and, under autocast, 104
+            weight casts fewer per forward, the same features up to float rounding. The copy
+            is not part of the state dict (checkpoints are unchanged) and is rebuilt when the
+            frozen weights change (``load_state_dict``, in-place edits) or move.
 
     Frozen stages are kept in eval mode by :meth:`train`, so their BatchNorm running
     statistics never change (the tutorial's ``encoder.train()`` updates them silently).
@@ -149,7 +184,8 @@ class ImageEncoder(nn.Module):
     def __init__(self, arch: str = "resnet101", encoded_image_size: int = 14,
                  pretrained: bool = True, weights_path: str | os.PathLike | None = None,
                  fine_tune: bool = False, fine_tune_from: int = 2, last_stage: int = 4,
-                 channels_last: bool = True, cuda_graph: bool = False):
+                 channels_last: bool = True, cuda_graph: bool = False,
+                 fold_batchnorm: bool = True):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"ImageEncoder arch={arch!r} is not supported; use one of {ARCHS}")
@@ -162,7 +198,11 @@ class ImageEncoder(nn.Module):
         self.last_stage = last_stage
         self.channels_last = channels_last
         self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, _CapturedForward] = {}  # not state: dropped on copy and move
+        self.fold_batchnorm = fold_batchnorm
+        # Not state: dropped on copy, pickle and move.
+        self._graphs: dict[tuple, _CapturedForward] = {}
+        self._folded: dict[tuple, tuple[nn.Sequential, int]] = {}  # key -> (copy, version)
+        self._frozen: tuple[int, list[Tensor]] | None = None  # (trunk children, their tensors)
 
         resnet = getattr(torchvision.models, arch)(weights=None)
         kept = [name for stage in range(last_stage + 1) for name in _STAGE_CHILDREN[stage]]
@@ -219,6 +259,7 @@ class ImageEncoder(nn.Module):
                              f"fine_tune_from or set fine_tune=false")
         self.fine_tune = bool(fine_tune)
         self.fine_tune_from = fine_tune_from
+        self._drop_derived()
         for stage in range(self.last_stage + 1):
             trainable = self.fine_tune and stage >= fine_tune_from
             for module in self._stage_modules(stage):
@@ -283,8 +324,49 @@ class ImageEncoder(nn.Module):
     def _trunk(self, images: Tensor) -> Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        out = self.adaptive_pool(self.resnet(images))  # (B, D, enc, enc)
+        out, children = images, list(self.resnet)
+        folded = self._folded_stages(images)
+        if folded is not None:  # the frozen stages, folded; the trainable ones as they are
+            out, children = folded(out), children[len(folded):]
+        for child in children:
+            out = child(out)
+        out = self.adaptive_pool(out)  # (B, D, enc, enc)
         return out.permute(0, 2, 3, 1).flatten(1, 2)  # (B, P, D)
+
+    def _folded_stages(self, images: Tensor) -> nn.Sequential | None:
+        """The frozen stages with BatchNorm folded (``fold_batchnorm``), for this device and
+        autocast dtype: built on first use and again after the frozen weights change (their
+        version counters), or None when nothing is folded."""
+        if not self.fold_batchnorm:
+            return None
+        if self._frozen is None:
+            stages = self.frozen_stages()
+            count = 0 if not stages else 4 + len(stages) - 1  # stem children, then layerN
+            tensors = [t for child in list(self.resnet)[:count]
+                       for t in (*child.parameters(), *child.buffers())]
+            self._frozen = (count, tensors)
+        count, tensors = self._frozen
+        if count == 0 or any(child.training for child in list(self.resnet)[:count]) \
+                or any(t.requires_grad for t in tensors):
+            return None  # not frozen after all (set by hand): run them as they are
+        version = sum(t._version for t in tensors)
+        enabled, dtype = _autocast_state(images.device.type)
+        key = (images.device, dtype if enabled else None)
+        entry = self._folded.get(key)
+        if entry is not None and entry[1] == version:
+            return entry[0]
+        with torch.no_grad(), torch.inference_mode(False):
+            folded = _fold_batchnorm(self.resnet[:count])
+            if enabled:
+                folded.to(dtype)  # the convolutions' autocast dtype: no cast per call
+            if self.channels_last:
+                folded.to(memory_format=torch.channels_last)
+        if entry is not None or len(self._folded) >= _MAX_FOLDED:
+            # Captured graphs read the weights of the copy they ran: drop them with it.
+            self._graphs.clear()
+            self._folded.pop(key if entry is not None else next(iter(self._folded)))
+        self._folded[key] = (folded, version)
+        return folded
 
     def _trunk_under(self, enabled: bool, dtype: torch.dtype, images: Tensor) -> Tensor:
         """:meth:`_trunk` under the caller's autocast setting, its cast cache off (a cached
@@ -298,11 +380,18 @@ class ImageEncoder(nn.Module):
                 and not torch.cuda.is_current_stream_capturing()
                 and not any(p.requires_grad for p in self.parameters()))
 
+    def _drop_derived(self) -> None:
+        """Forget the captured graphs and folded copies (they follow the weights)."""
+        self._graphs.clear()
+        self._folded.clear()
+        self._frozen = None
+
     def _apply(self, fn, *args, **kwargs):
-        self._graphs.clear()  # .to()/.cuda()/.half() move the parameters the graphs read
+        self._drop_derived()  # .to()/.cuda()/.half() move the parameters these read
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_graphs"] = {}  # CUDA graphs are neither copied nor pickled
+        # CUDA graphs and folded copies are neither copied nor pickled.
+        state.update(_graphs={}, _folded={}, _frozen=None)
         return state
