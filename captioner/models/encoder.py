@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 from functools import partial
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ _STAGE_CHILDREN = {0: ("conv1", "bn1", "relu", "maxpool"), 1: ("layer1",), 2: ("
                    3: ("layer3",), 4: ("layer4",)}
 _MAX_CUDA_GRAPHS = 4  # captured input signatures kept per encoder (train, val and test batches)
 _MAX_FOLDED = 2  # folded copies kept per encoder (float32, and the autocast dtype)
+_requires_grad = attrgetter("requires_grad")
+_version = attrgetter("_version")  # bumped by every in-place change of a tensor
 
 
 def _weights_enum(arch: str):
@@ -202,7 +205,8 @@ class ImageEncoder(nn.Module):
         # Not state: dropped on copy, pickle and move.
         self._graphs: dict[tuple, _CapturedForward] = {}
         self._folded: dict[tuple, tuple[nn.Sequential, int]] = {}  # key -> (copy, version)
-        self._frozen: tuple[int, list[Tensor]] | None = None  # (trunk children, their tensors)
+        # The frozen trunk children's count, parameters and buffers.
+        self._frozen: tuple[int, list[Tensor], list[Tensor]] | None = None
 
         resnet = getattr(torchvision.models, arch)(weights=None)
         kept = [name for stage in range(last_stage + 1) for name in _STAGE_CHILDREN[stage]]
@@ -342,14 +346,14 @@ class ImageEncoder(nn.Module):
         if self._frozen is None:
             stages = self.frozen_stages()
             count = 0 if not stages else 4 + len(stages) - 1  # stem children, then layerN
-            tensors = [t for child in list(self.resnet)[:count]
-                       for t in (*child.parameters(), *child.buffers())]
-            self._frozen = (count, tensors)
-        count, tensors = self._frozen
+            children = list(self.resnet)[:count]
+            self._frozen = (count, [p for child in children for p in child.parameters()],
+                            [b for child in children for b in child.buffers()])
+        count, params, buffers = self._frozen
         if count == 0 or any(child.training for child in list(self.resnet)[:count]) \
-                or any(t.requires_grad for t in tensors):
+                or any(map(_requires_grad, params)):
             return None  # not frozen after all (set by hand): run them as they are
-        version = sum(t._version for t in tensors)
+        version = sum(map(_version, params)) + sum(map(_version, buffers))
         enabled, dtype = _autocast_state(images.device.type)
         key = (images.device, dtype if enabled else None)
         entry = self._folded.get(key)
