@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import types
 import warnings
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captioner.vocab import WordMap
+from captioner.vocab import WordMap, atomic_write
 
 # ----------------------------------------------------------------------------- stand-ins
 
@@ -342,17 +341,10 @@ def _plain_number(value: Any) -> int | float | None:
 
 
 def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` with :func:`~captioner.vocab.atomic_write`: a temp file beside ``path``,
+    on disk before it is renamed over it."""
+    with atomic_write(path, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 def convert(tutorial_checkpoint: str | os.PathLike, word_map_path: str | os.PathLike,

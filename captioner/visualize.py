@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from captioner.vocab import replace_durably
+from captioner.vocab import atomic_write
 
 START_WORD = "<start>"
 END_WORD = "<end>"
@@ -160,15 +159,9 @@ def save_attention_figure(image: np.ndarray, words: Sequence[str], alphas, path:
     """
     path = Path(path)
     figure = attention_figure(image, words, alphas, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, "wb") as f:
             figure.savefig(f, format="png", dpi=dpi)
-        replace_durably(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         figure.clear()  # a pyplot-free figure has nothing else to close
     return path

@@ -14,8 +14,10 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -174,16 +176,24 @@ class WordMap:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to a temp file beside ``path``, then rename over it
-    (:func:`replace_durably`)."""
+    """Write ``obj`` as JSON with :func:`atomic_write`."""
+    text = json.dumps(obj)  # one C-encoder call: much faster than json.dump's chunks for COCO
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file to write ``path``'s new content into: a temp file beside it that replaces it
+    (:func:`replace_durably`, with the usual permissions) when the block ends, and is removed
+    when the block raises, so ``path`` holds the old content or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj)  # one C-encoder call: much faster than json.dump's chunks for COCO
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600
         replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from captioner.vocab import END, PAD, START, UNK, WordMap, write_json_atomic
+from captioner.vocab import END, PAD, START, UNK, WordMap, atomic_write, write_json_atomic
 
 CAPTIONS = [["a", "dog", "runs"], ["a", "cat", "sits"], ["a", "dog", "sits"], ["zebra"]]
 
@@ -61,6 +61,24 @@ def test_bad_word_maps_are_rejected(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         WordMap.load(bad)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """A block that raises leaves the old content and no temp file; one that ends replaces
+    it, with the permissions a plain ``open`` would give (not mkstemp's 0600)."""
+    path = tmp_path / "results.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(path, "wb") as f:
+            f.write(b"half of the new")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["results.bin"]
+    with atomic_write(path, "wb") as f:
+        f.write(b"new")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors via /proc")
