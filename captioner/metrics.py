@@ -200,11 +200,13 @@ def topk_accuracy(logits: Tensor, targets: Tensor, mask: Tensor, k: int = 5) -> 
         raise ValueError(f"k={k} must be between 1 and the vocabulary size {logits.shape[-1]}")
     mask = mask.bool()
     num_real = mask.sum()
-    if num_real == 0:
+    # Checked only where it is free: reading a CUDA value would make a training step wait for
+    # the GPU. On the GPU an all-padding mask gives 0 (no hits over at least one token).
+    if not num_real.is_cuda and num_real == 0:
         raise ValueError("topk_accuracy: mask has no real tokens")
     top = logits.topk(k, dim=-1).indices  # (N, L, k)
     hit = (top == targets.unsqueeze(-1)).any(dim=-1) & mask  # (N, L)
-    return hit.sum().float() * 100.0 / num_real.float()
+    return hit.sum().float() * 100.0 / num_real.clamp(min=1).float()
 
 
 # ---------------------------------------------------------------------------- PTB tokenisation
