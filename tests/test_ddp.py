@@ -199,3 +199,20 @@ def test_ddp_evaluate_equals_one_process_on_odd_split(ddp_run, tmp_path):
     padded = corpus_bleu_scores([refs[i] for i in ids + ids[:1]], hyps + hyps[:1])
     assert corpus_bleu_scores([refs[i] for i in ids], hyps)["bleu1"] == single["metrics"]["bleu1_nltk"]
     assert any(padded[f"bleu{n}"] != single["metrics"][f"bleu{n}_nltk"] for n in range(1, 5))
+
+
+# ---------------------------------------------------------------------- frozen encoder
+@pytest.mark.slow
+def test_ddp_with_a_frozen_encoder_folds_its_batchnorm_once_per_load(tmp_path):
+    """DDP synchronises the buffers (the BatchNorm statistics) before each training forward;
+    the frozen encoder's folded copy, which follows the frozen tensors' versions, must not be
+    rebuilt for that: once per rank for training and once more for the test after fit
+    (best.ckpt is loaded), not at each of the 20 steps."""
+    out = _run("train.py", tmp_path, [
+        "experiment=quickstart", "trainer=ddp_cpu", f"paths.data_dir={tmp_path / 'data'}",
+        "data.synthetic.num_train=160", "data.synthetic.num_val=16", "data.synthetic.num_test=16",
+        "data.num_workers=0", "data.batch_size=8", "model.fine_tune_encoder=false",
+        "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "hydra.verbose=captioner.models.encoder"])
+    builds = (out.stdout + out.stderr).count("BatchNorm folded into the frozen stages")
+    assert builds == 4, builds  # 2 ranks x (training, the test's reloaded checkpoint)

@@ -178,8 +178,7 @@ class ImageEncoder(nn.Module):
             ResNet-101, 104 BatchNorm passes over the activations and, under autocast, 104
             weight casts fewer per forward, the same features up to float rounding. The copy
             is not part of the state dict (checkpoints are unchanged) and is rebuilt when the
-            frozen weights change (``load_state_dict``, in-place edits of parameters) or move;
-            BatchNorm statistics edited in place by hand are not seen (load them instead).
+            frozen weights or statistics change (``load_state_dict``, in-place edits) or move.
 
     Frozen stages are kept in eval mode by :meth:`train`, so their BatchNorm running
     statistics never change (the tutorial's ``encoder.train()`` updates them silently).
@@ -206,8 +205,8 @@ class ImageEncoder(nn.Module):
         # Not state: dropped on copy, pickle and move.
         self._graphs: dict[tuple, _CapturedForward] = {}
         self._folded: dict[tuple, tuple[nn.Sequential, int]] = {}  # key -> (copy, version)
-        # The frozen trunk children's count and parameters.
-        self._frozen: tuple[int, list[Tensor]] | None = None
+        # The frozen trunk children's count, parameters and buffers.
+        self._frozen: tuple[int, list[Tensor], list[Tensor]] | None = None
 
         resnet = getattr(torchvision.models, arch)(weights=None)
         kept = [name for stage in range(last_stage + 1) for name in _STAGE_CHILDREN[stage]]
@@ -347,16 +346,16 @@ class ImageEncoder(nn.Module):
         if self._frozen is None:
             stages = self.frozen_stages()
             count = 0 if not stages else 4 + len(stages) - 1  # stem children, then layerN
-            self._frozen = (count, [p for child in list(self.resnet)[:count]
-                                    for p in child.parameters()])
-        count, params = self._frozen
+            children = list(self.resnet)[:count]
+            self._frozen = (count, [p for child in children for p in child.parameters()],
+                            [b for child in children for b in child.buffers()])
+        count, params, buffers = self._frozen
         if count == 0 or any(child.training for child in list(self.resnet)[:count]) \
                 or any(map(_requires_grad, params)):
             return None  # not frozen after all (set by hand): run them as they are
-        # The parameters' versions, not the BatchNorm statistics' (buffers): DDP broadcasts
-        # every buffer in place before each training forward, which would rebuild the copy at
-        # every step. Statistics change through load_state_dict, which drops the copy.
-        version = sum(map(_version, params))
+        # Every in-place change bumps a tensor's version (DDP's buffer broadcast before each
+        # training forward does not: tests/test_ddp.py checks the copy is not rebuilt per step).
+        version = sum(map(_version, params)) + sum(map(_version, buffers))
         enabled, dtype = _autocast_state(images.device.type)
         key = (images.device, dtype if enabled else None)
         entry = self._folded.get(key)
@@ -373,6 +372,8 @@ class ImageEncoder(nn.Module):
             self._graphs.clear()
             self._folded.pop(key if entry is not None else next(iter(self._folded)))
         self._folded[key] = (folded, version)
+        log.debug("ImageEncoder: BatchNorm folded into the frozen stages' convolutions "
+                  "(%d trunk children, %s, autocast dtype %s)", count, images.device, key[1])
         return folded
 
     def _trunk_under(self, enabled: bool, dtype: torch.dtype, images: Tensor) -> Tensor:
