@@ -51,27 +51,20 @@ PHASES = ("encoder", "decoder + loss", "backward", "optimiser")
 
 
 def _fused_lstm_cell(input_gates, hidden_gates, cx, input_bias=None, hidden_bias=None):
-    """``_thnn_fused_lstm_cell`` on the CPU: (hy, cy, workspace = activated gates i|f|g|o)."""
-    gates = input_gates + hidden_gates
+    """``_thnn_fused_lstm_cell`` on the CPU: (hy, cy, workspace = activated gates i|f|g|o),
+    by the decoder's own CPU arithmetic."""
     if input_bias is not None:
-        gates = gates + input_bias + hidden_bias
-    i, f, g, o = gates.chunk(4, dim=1)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-    cy = f * cx + i * g
-    return o * cy.tanh(), cy, torch.cat([i, f, g, o], dim=1)
+        input_gates = input_gates + input_bias + hidden_bias
+    return decoder_module._lstm_cell_arithmetic(input_gates, hidden_gates, cx)
 
 
 def _fused_lstm_cell_backward(grad_hy, grad_cy, cx, cy, workspace, has_bias):
     """``_thnn_fused_lstm_cell_backward_impl`` on the CPU: (grad_gates, grad_cx, grad_bias)."""
-    i, f, g, o = workspace.chunk(4, dim=1)
-    tanh_cy = cy.tanh()
     grad_hy = torch.zeros_like(cy) if grad_hy is None else grad_hy
-    grad_c = grad_hy * o * (1 - tanh_cy * tanh_cy)
-    if grad_cy is not None:
-        grad_c = grad_c + grad_cy
-    grad_gates = torch.cat([grad_c * g * i * (1 - i), grad_c * cx * f * (1 - f),
-                            grad_c * i * (1 - g * g), grad_hy * tanh_cy * o * (1 - o)], dim=1)
-    return grad_gates, grad_c * f, grad_gates.sum(0) if has_bias else None
+    grad_cy = torch.zeros_like(cy) if grad_cy is None else grad_cy
+    grad_gates, grad_cx = decoder_module._lstm_cell_backward_arithmetic(grad_hy, grad_cy, cx, cy,
+                                                                        workspace)
+    return grad_gates, grad_cx, grad_gates.sum(0) if has_bias else None
 
 
 class CallCount(TorchDispatchMode):

@@ -66,8 +66,10 @@ class AdditiveAttention(nn.Module):
                mask: Tensor | None = None) -> AttentionOutput:
         """:meth:`forward` given ``decoder_att(hidden)`` (B, A), computed by the caller.
 
-        The decoder's teacher-forced loop computes it together with its other projections of
-        the hidden state, in one matrix product per step.
+        The decoder's teacher-forced loop (``decoder._unroll``) repeats this arithmetic
+        inline, with ``decoder_att(hidden)`` from one matrix product with its other projections
+        of the hidden state and the ``relu`` activations kept for its own backward pass; tests
+        hold it to :meth:`AttentionLSTMDecoder.step`, which calls this method.
         """
         att = self.full_att(self.relu(projected + hidden_projected[:, None])).squeeze(2)
         if mask is not None:

@@ -345,7 +345,6 @@ class _TeacherForcedLoop(torch.autograd.Function):
     def forward(ctx, active: list[int], sorted_places: Tensor, *inputs: Tensor):
         hiddens, alphas, saved, activations = _unroll(active, *inputs, save=True)
         ctx.active, ctx.steps, ctx.activations = active, saved, activations
-        ctx.shapes = inputs[3].shape  # features (N, P, D)
         ctx.save_for_backward(sorted_places, *inputs[4:], alphas)
         return hiddens, alphas
 
@@ -356,8 +355,8 @@ class _TeacherForcedLoop(torch.autograd.Function):
          alphas) = ctx.saved_tensors
         active, steps, activations = ctx.active, ctx.steps, ctx.activations
         needs = ctx.needs_input_grad[2:]  # input_gates, h, c, features, projected, weights...
-        rows, regions, encoder_dim = ctx.shapes
         first = steps[0]
+        rows, regions, encoder_dim = first.features.shape  # every row decodes at step 0
         hidden_dim = first.h.size(1)
         with torch.autocast(first.h.device.type, enabled=False):
             if grad_hiddens is None:
@@ -442,7 +441,13 @@ def _lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor
     calls there); elsewhere the same arithmetic as ``nn.LSTMCell`` on the CPU."""
     if input_gates.is_cuda:
         return torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
-    # As ATen's CPU cell: in place on the chunks of a fresh tensor.
+    return _lstm_cell_arithmetic(input_gates, hidden_gates, c)
+
+
+def _lstm_cell_arithmetic(input_gates: Tensor, hidden_gates: Tensor, c: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_lstm_cell` as ATen's CPU cell computes it: in place on the chunks of a fresh
+    tensor, which ends up holding the activated gates (the CUDA kernel's workspace)."""
     gates = input_gates + hidden_gates
     i, f, g, o = gates.unsafe_chunk(4, dim=1)
     i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
@@ -459,6 +464,13 @@ def _lstm_cell_backward(grad_h: Tensor, grad_c: Tensor, c: Tensor, c_next: Tenso
         grad_gates, grad_c, _ = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
             grad_h, grad_c, c, c_next, workspace, False)
         return grad_gates, grad_c
+    return _lstm_cell_backward_arithmetic(grad_h, grad_c, c, c_next, workspace)
+
+
+def _lstm_cell_backward_arithmetic(grad_h: Tensor, grad_c: Tensor, c: Tensor, c_next: Tensor,
+                                   workspace: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_lstm_cell_backward` in ATen's pointwise backward ops (what the CUDA kernel
+    computes): gates i, f, g, o activated in ``workspace``."""
     aten = torch.ops.aten
     i, f, g, o = workspace.unsafe_chunk(4, dim=1)
     tanh_c = c_next.tanh()

@@ -205,8 +205,8 @@ class ImageEncoder(nn.Module):
         # Not state: dropped on copy, pickle and move.
         self._graphs: dict[tuple, _CapturedForward] = {}
         self._folded: dict[tuple, tuple[nn.Sequential, int]] = {}  # key -> (copy, version)
-        # The frozen trunk children's count, parameters and buffers.
-        self._frozen: tuple[int, list[Tensor], list[Tensor]] | None = None
+        # The frozen trunk children, their parameters and buffers.
+        self._frozen: tuple[list[nn.Module], list[Tensor], list[Tensor]] | None = None
 
         resnet = getattr(torchvision.models, arch)(weights=None)
         kept = [name for stage in range(last_stage + 1) for name in _STAGE_CHILDREN[stage]]
@@ -347,10 +347,10 @@ class ImageEncoder(nn.Module):
             stages = self.frozen_stages()
             count = 0 if not stages else 4 + len(stages) - 1  # stem children, then layerN
             children = list(self.resnet)[:count]
-            self._frozen = (count, [p for child in children for p in child.parameters()],
+            self._frozen = (children, [p for child in children for p in child.parameters()],
                             [b for child in children for b in child.buffers()])
-        count, params, buffers = self._frozen
-        if count == 0 or any(child.training for child in list(self.resnet)[:count]) \
+        children, params, buffers = self._frozen
+        if not children or any(child.training for child in children) \
                 or any(map(_requires_grad, params)):
             return None  # not frozen after all (set by hand): run them as they are
         # Every in-place change bumps a tensor's version (DDP's buffer broadcast before each
@@ -362,7 +362,7 @@ class ImageEncoder(nn.Module):
         if entry is not None and entry[1] == version:
             return entry[0]
         with torch.no_grad(), torch.inference_mode(False):
-            folded = _fold_batchnorm(self.resnet[:count])
+            folded = _fold_batchnorm(nn.Sequential(*children))
             if enabled:
                 folded.to(dtype)  # the convolutions' autocast dtype: no cast per call
             if self.channels_last:
@@ -373,7 +373,8 @@ class ImageEncoder(nn.Module):
             self._folded.pop(key if entry is not None else next(iter(self._folded)))
         self._folded[key] = (folded, version)
         log.debug("ImageEncoder: BatchNorm folded into the frozen stages' convolutions "
-                  "(%d trunk children, %s, autocast dtype %s)", count, images.device, key[1])
+                  "(%d trunk children, %s, autocast dtype %s)", len(children), images.device,
+                  key[1])
         return folded
 
     def _trunk_under(self, enabled: bool, dtype: torch.dtype, images: Tensor) -> Tensor:
