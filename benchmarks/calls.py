@@ -15,8 +15,7 @@ On CUDA the counts are the real ones. On the CPU the decoder is sent down its CU
 LSTM cell calls the fused ``_thnn_fused_lstm_cell`` (CUDA-only), which the mode computes itself,
 forward and backward, and Adam uses its multi-tensor (``foreach``) kernels, its default on CUDA.
 The rest runs under CPU autocast, whose casts differ from CUDA's (CUDA autocast runs softmax in
-float32 and casts the encoder's frozen weights at every step, for two), so CPU counts approximate
-the CUDA ones. Sizes are
+float32, for one), so CPU counts approximate the CUDA ones. Sizes are
 the benchmark's (ResNet-101, dims 512, 10k words, 32 images x 5 captions of COCO-like length) at
 64 px images: the counts do not depend on the image size.
 """
@@ -92,24 +91,10 @@ class CallCount(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _cuda_path_lstm_cell(input_gates, hidden_gates, c):
-    return aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
-
-
-def _cuda_path_lstm_cell_backward(grad_h, grad_c, c, c_next, workspace):
-    grad_gates, grad_c, _ = aten._thnn_fused_lstm_cell_backward_impl(grad_h, grad_c, c, c_next,
-                                                                      workspace, False)
-    return grad_gates, grad_c
-
-
-def cuda_lstm_path() -> ExitStack:
-    """Sends the decoder's teacher-forced loop down its CUDA path: the fused LSTM kernels,
-    forward and backward (which :class:`CallCount` computes on the CPU)."""
-    stack = ExitStack()
-    stack.enter_context(mock.patch.object(decoder_module, "_lstm_cell", _cuda_path_lstm_cell))
-    stack.enter_context(mock.patch.object(decoder_module, "_lstm_cell_backward",
-                                          _cuda_path_lstm_cell_backward))
-    return stack
+def cuda_lstm_path():
+    """Sends the decoder's teacher-forced loop down its CUDA path on the CPU: its own calls of
+    the fused LSTM kernels, forward and backward (which :class:`CallCount` computes)."""
+    return mock.patch.object(decoder_module, "_fused_lstm", lambda x: True)
 
 
 def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: bool,

@@ -544,9 +544,10 @@ def test_teacher_forced_gradients_under_bf16_autocast_follow_float32():
 
 
 def test_the_decoders_cuda_lstm_branch_computes_what_its_cpu_branch_does():
-    """On CUDA the teacher-forced loop calls PyTorch's fused LSTM kernel with the regrouped gate
-    products. With ``benchmarks.calls``' CPU stand-in for that kernel (the CUDA kernel's
-    arithmetic, gates i, f, g, o), that branch gives the CPU branch's outputs and gradients."""
+    """On CUDA the teacher-forced loop calls PyTorch's fused LSTM kernels, forward and backward.
+    Sent down that branch on the CPU (``benchmarks.calls.cuda_lstm_path``), with the counter's
+    CPU stand-ins for the two kernels (gates i, f, g, o in the workspace), the decoder's own
+    calls of them give the CPU branch's outputs and gradients: their arguments are in place."""
     from benchmarks.calls import CallCount, cuda_lstm_path
 
     decoder = tiny_decoder(6)

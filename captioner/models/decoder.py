@@ -433,13 +433,20 @@ class _TeacherForcedLoop(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _fused_lstm(x: Tensor) -> bool:
+    """Whether the LSTM cell runs PyTorch's fused kernels on ``x``'s device (CUDA-only).
+    ``benchmarks.calls`` makes it true on the CPU to count the CUDA path's calls, with CPU
+    stand-ins for the two kernels."""
+    return x.is_cuda
+
+
 def _lstm_cell(input_gates: Tensor, hidden_gates: Tensor, c: Tensor
                ) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM cell's pointwise part, ``nn.LSTMCell`` given its two gate products (biases
     included): gates i, f, g, o in that order. Returns h, c and the activated gates (the
     backward pass's workspace). On CUDA PyTorch's own fused kernel (the one ``nn.LSTMCell``
     calls there); elsewhere the same arithmetic as ``nn.LSTMCell`` on the CPU."""
-    if input_gates.is_cuda:
+    if _fused_lstm(input_gates):
         return torch.ops.aten._thnn_fused_lstm_cell(input_gates, hidden_gates, c)
     return _lstm_cell_arithmetic(input_gates, hidden_gates, c)
 
@@ -460,7 +467,7 @@ def _lstm_cell_backward(grad_h: Tensor, grad_c: Tensor, c: Tensor, c_next: Tenso
     """The gradients of :func:`_lstm_cell`'s gate inputs (n, 4H) and of its cell state c
     (n, H), given those of its outputs h and c_next. On CUDA PyTorch's fused backward kernel
     (the one ``nn.LSTMCell``'s backward calls there)."""
-    if c.is_cuda:
+    if _fused_lstm(c):
         grad_gates, grad_c, _ = torch.ops.aten._thnn_fused_lstm_cell_backward_impl(
             grad_h, grad_c, c, c_next, workspace, False)
         return grad_gates, grad_c
