@@ -95,6 +95,7 @@ class ExactResume(L.Callback):
       checkpoint (it does not store the monitored value). The callback stores the monitored value
       and each scheduler's ``last_epoch`` in the checkpoint and, after a restart, performs the
       missing step once, before the first resumed epoch; a scheduler that was stepped is left alone.
+      ``train()`` puts this callback first, so ``LearningRateMonitor`` logs the stepped rate.
 
     Args:
         seed: the run's seed (``cfg.seed``).
@@ -148,6 +149,8 @@ class ExactResume(L.Callback):
         for config, state in zip(trainer.lr_scheduler_configs, saved):
             scheduler = config.scheduler
             if config.interval != "epoch" or getattr(scheduler, "last_epoch", None) != state["last_epoch"]:
+                continue
+            if (self._saved_epoch + 1) % config.frequency:  # Lightning would not step it then either
                 continue
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 if state["value"] is None:

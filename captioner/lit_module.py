@@ -315,9 +315,12 @@ class CaptioningModule(L.LightningModule):
         # reduction happen at the lr_patience-th bad validation, as in the tutorial.
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience - 1)
+        # Stepped at the epochs that validate (trainer.check_val_every_n_epoch, e.g. debug=overfit's
+        # 10): at the others val/bleu4 is missing, or stale from the last validation.
+        every = (self._trainer.check_val_every_n_epoch or 1) if self._trainer is not None else 1
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch",
-                                 "frequency": 1, "strict": True}}
+                                 "frequency": every, "strict": True}}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -346,5 +349,6 @@ class CaptioningModule(L.LightningModule):
                 "the model would emit the wrong words. Use the data the checkpoint was trained on "
                 "(same dataset, captions_per_image and min_word_freq).")
         self.word_map = stored
-        self.run_config = checkpoint.get("config")
+        if self.run_config is None:  # loading a model; a resumed run (fit) keeps its own config
+            self.run_config = checkpoint.get("config")
 

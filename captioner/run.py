@@ -101,6 +101,63 @@ def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
     return find_last_checkpoint(output_root, task_name) if key == "newest" else None
 
 
+def refuse_used_folder(run_dir: Path, checkpoint_dirs: list[Path]) -> None:
+    """Refuse to start a fresh run where an earlier run's checkpoints are.
+
+    Its ``best.ckpt`` would stay (the new one is ``best-v1.ckpt``) and be what ``evaluate.py``
+    and ``caption`` take, and its ``last.ckpt`` would be overwritten. This happens when two
+    ``train.py`` runs share ``hydra.run.dir``, e.g. two stages in one Slurm job, whose id names
+    the folder. Lightning's own Slurm checkpoint (``hpc_ckpt_*.ckpt``) is a resume, not a conflict.
+    """
+    if os.environ.get("SLURM_JOB_ID") and any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return  # Lightning resumes a requeued Slurm job from it by itself
+    found = sorted(p for d in checkpoint_dirs for p in Path(d).glob("*.ckpt"))
+    if found:
+        names = ", ".join(p.name for p in found)
+        raise FileExistsError(
+            f"the run folder {run_dir} already holds checkpoints of an earlier run "
+            f"({Path(found[0]).parent}: {names}); a new run there would overwrite its last.ckpt "
+            "and leave its best.ckpt as the one evaluate.py uses. Continue that run with "
+            "auto_resume=true (or ckpt_path=.../last.ckpt), or give this run a folder of its "
+            "own: hydra.run.dir=<new folder> (under Slurm, one per train.py call of a job).")
+
+
+#: The settings a checkpoint found by ``auto_resume`` must share with the run resuming it (the
+#: model and its optimisation; how it decodes and what it logs may change).
+SAME_RUN_KEYS = ("model", "init_from")
+FREE_MODEL_KEYS = (".val_search", ".test_search", ".num_log_examples")
+
+
+def check_same_run(ckpt_path: str | os.PathLike, cfg: DictConfig) -> None:
+    """Refuse an ``auto_resume`` checkpoint written by a run with other model settings.
+
+    A requeued job has the same settings. Another run in the same folder (say stage 2 of a
+    recipe after stage 1) would otherwise resume the wrong model and fail later with an
+    optimiser-state mismatch, or not fail at all.
+    """
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+    current = _plain(cfg)
+    diffs = []
+    for key in (k for k in SAME_RUN_KEYS if k in stored):  # a converted tutorial checkpoint has data only
+        there, here = _flat(stored.get(key)), _flat(current.get(key))
+        diffs += [f"{key}{name}: {there.get(name)!r} there, {here.get(name)!r} here"
+                  for name in sorted(set(there) | set(here))
+                  if there.get(name) != here.get(name) and not name.startswith(FREE_MODEL_KEYS)]
+    if diffs:
+        raise ValueError(
+            f"auto_resume={cfg.auto_resume} found {ckpt_path}, written by a run with other settings "
+            f"({'; '.join(diffs[:6])}): it is another run's checkpoint. Give this run a folder of "
+            f"its own (hydra.run.dir=<new folder>), or resume that checkpoint explicitly with "
+            f"ckpt_path={ckpt_path}.")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{".a.b": leaf}``."""
+    if isinstance(value, dict):
+        return {name: leaf for k, v in value.items() for name, leaf in _flat(v, f"{prefix}.{k}").items()}
+    return {prefix: value}
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A captioner checkpoint as a dict, loaded with ``weights_only=True`` (no code runs)."""
     path = Path(path)
@@ -227,6 +284,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = output_dir(cfg)
 
     datamodule = instantiate(cfg.data, _convert_="all")
+    if rank_zero_only.rank != 0:
+        datamodule.overwrite = False  # data.overwrite: global rank 0 rebuilds, the others wait on its lock
     # Idempotent and lock-protected, so every rank may call it; the word map is needed to
     # build the model before the Trainer exists.
     datamodule.prepare_data()
@@ -239,7 +298,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    callbacks.append(ExactResume(cfg.seed))
+    callbacks.insert(0, ExactResume(cfg.seed))  # first: its resume-time LR step precedes the LR monitor
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
     batch = batch_summary(trainer, datamodule)
@@ -255,6 +314,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
             if ckpt_path and cfg.get("init_from"):  # a requeued stage-2 job continues itself
                 log.info("init_from=%s is superseded by the resumed checkpoint", cfg.init_from)
+    if ckpt_path is None:
+        refuse_used_folder(run_dir, checkpoint_dirs)
+    elif cfg.get("auto_resume") and str(ckpt_path) != str(cfg.get("ckpt_path")):
+        check_same_run(ckpt_path, cfg)
     own_dirs = {d.resolve() for d in checkpoint_dirs}
     if (ckpt_path and trainer.is_global_zero and own_dirs
             and Path(ckpt_path).resolve().parent not in own_dirs | {run_dir.resolve()}):
@@ -281,6 +344,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         report_test(model, cfg.get("num_print_examples", 5))
     elif cfg.get("test_after_fit") and trainer.fast_dev_run:
         trainer.test(model, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("test/") and v.numel() == 1})
     write_metrics(run_dir / "metrics.json", metrics, best_checkpoint=best, batch=batch)
     return metrics
 
@@ -304,6 +369,9 @@ def report_test(model: CaptioningModule, num_examples: int) -> None:
 
 
 # ---------------------------------------------------------------------- evaluate
+EVAL_SPLITS = ("test", "val")
+
+
 def resolve_checkpoint(cfg: DictConfig) -> Path:
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
@@ -323,9 +391,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score a checkpoint on a split with beam search: nltk BLEU and the COCO scorers."""
     from captioner.metrics import coco_scores
 
+    split = str(cfg.split).lower()  # the tutorial's file names spell it TEST / VAL
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split={cfg.split!r}: evaluate.py scores the test or val split "
+                         f"(split=test | split=val)")
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg)
-    print(f"Evaluating {ckpt_path} on the {cfg.split} split with beam size {cfg.beam}")
+    print(f"Evaluating {ckpt_path} on the {split} split with beam size {cfg.beam}")
     checkpoint = load_checkpoint(ckpt_path)
     trained_cfg = checkpoint.get("config") or {}
     if "data" not in trained_cfg:
@@ -333,7 +405,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                          "convert a tutorial checkpoint with python -m captioner.convert_tutorial "
                          "(it records the data settings)")
     overrides = {k: v for k, v in (_plain(cfg.get("data")) or {}).items() if v is not None}
-    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), overrides)
+    # The training run's data.overwrite rebuilt its data once; scoring never rebuilds unless asked.
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), {"overwrite": False}, overrides)
     datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
     datamodule.prepare_data()
     search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}
@@ -342,8 +415,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     bars = [ImageRateProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=bars, _convert_="all")
     configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
-    datamodule.setup("test" if cfg.split == "test" else "validate")
-    loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    datamodule.setup("test" if split == "test" else "validate")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     started = time.perf_counter()
     trainer.test(model, dataloaders=loader)
     seconds = time.perf_counter() - started
@@ -354,19 +427,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     captions = [{"image_id": int(i), "caption": " ".join(h)}
                 for i, h in zip(results["image_ids"], results["hypotheses"])]
     if cfg.coco_metrics and trainer.is_global_zero:
-        raw = datamodule.raw_references(cfg.split)
+        raw = datamodule.raw_references(split)
         coco = coco_scores({i: raw[i] for i in results["image_ids"]},
                            {c["image_id"]: c["caption"] for c in captions}, spice=cfg.spice)
         metrics.update({f"coco_{k}": v for k, v in coco.items()})
     out = output_dir(cfg)
-    summary = {"metrics": metrics, "checkpoint": str(ckpt_path), "split": cfg.split, "search": search,
+    summary = {"metrics": metrics, "checkpoint": str(ckpt_path), "split": split, "search": search,
                "num_images": len(captions), "seconds": seconds, "images_per_second": len(captions) / seconds,
                "config": _plain(cfg)}
     if trainer.is_global_zero:
         write_json_atomic(out / "results.json", summary)
-        write_json_atomic(out / f"captions_{cfg.split}_beam{cfg.beam}.json", captions)
-        print_table(metrics, cfg.split, cfg.beam, len(captions), seconds)
-        print(f"Wrote {out / 'results.json'} and {out / f'captions_{cfg.split}_beam{cfg.beam}.json'}")
+        write_json_atomic(out / f"captions_{split}_beam{cfg.beam}.json", captions)
+        print_table(metrics, split, cfg.beam, len(captions), seconds)
+        print(f"Wrote {out / 'results.json'} and {out / f'captions_{split}_beam{cfg.beam}.json'}")
     return summary
 
 

@@ -96,7 +96,8 @@ def test_evaluate_reproduces_training_test_scores(trained, capsys):
 def test_evaluate_val_split_matches_training_validation(trained):
     best_epoch = torch.load(trained["best"], weights_only=True)["epoch"]
     row = trained["val_rows"][best_epoch]
-    summary = run.evaluate(eval_config(trained["root"], "eval_val", ["split=val", "beam=1",
+    # VAL: the tutorial's spelling (its file names) means the val split too.
+    summary = run.evaluate(eval_config(trained["root"], "eval_val", ["split=VAL", "beam=1",
                                                                      "coco_metrics=false"]))
     assert summary["split"] == "val" and summary["num_images"] == 16
     for n in range(1, 5):
@@ -105,6 +106,27 @@ def test_evaluate_val_split_matches_training_validation(trained):
     test_ids = set(trained["test_results"]["image_ids"])
     assert len(captions) == 16 and not test_ids & {c["image_id"] for c in captions}
     assert not any(k.startswith("coco_") for k in summary["metrics"])
+
+
+@pytest.mark.parametrize("split", ["train", "tset"])
+def test_other_splits_are_refused_before_any_work(split, tmp_path):
+    with pytest.raises(ValueError, match=rf"split='{split}': evaluate.py scores the test or val split"):
+        run.evaluate(eval_config(tmp_path, "eval", [f"split={split}"]))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_never_rebuilds_the_data_of_an_overwrite_run(trained, tmp_path):
+    """A checkpoint of a run trained with data.overwrite=true: scoring it uses the prepared files."""
+    checkpoint = torch.load(trained["best"], weights_only=True)
+    checkpoint["config"]["data"]["overwrite"] = True
+    copy = tmp_path / "overwrite.ckpt"
+    torch.save(checkpoint, copy)
+    prepared = sorted((trained["root"] / "data").rglob("*.hdf5"))
+    before = [p.stat().st_mtime_ns for p in prepared]
+    summary = run.evaluate(eval_config(trained["root"], "eval_overwrite", [
+        f"ckpt_path={copy}", "beam=1", "coco_metrics=false"]))
+    assert summary["num_images"] == 16
+    assert [p.stat().st_mtime_ns for p in prepared] == before
 
 
 # ---------------------------------------------------------------------- which checkpoint

@@ -171,7 +171,36 @@ def test_ckpt_path_and_init_from_are_exclusive(tmp_path):
     assert not (tmp_path / "data").exists()  # refused before preparing any data
 
 
+@pytest.mark.parametrize("saved_epoch, stepped", [(2, False), (3, True)])
+def test_exact_resume_replays_only_the_steps_lightning_takes(saved_epoch, stepped):
+    """A scheduler stepped every 2nd epoch (frequency 2, as with check_val_every_n_epoch=2):
+    Lightning steps it after epochs 1, 3, ..., so only a checkpoint of such an epoch misses a step."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+    from captioner.callbacks import ExactResume
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    trainer = SimpleNamespace(current_epoch=saved_epoch + 1,
+                              lr_scheduler_configs=[LRSchedulerConfig(scheduler, interval="epoch", frequency=2)])
+    callback = ExactResume(seed=0)
+    saved = {"interval": "epoch", "monitor": None, "value": None, "last_epoch": scheduler.last_epoch}
+    callback.on_load_checkpoint(trainer, None, {ExactResume.KEY: {"epoch": saved_epoch, "schedulers": [saved]}})
+    callback.on_train_epoch_start(trainer, None)
+    assert scheduler.last_epoch == int(stepped)
+
+
 # ---------------------------------------------------------------------- SIGKILL + resume
+def _logged_lrs(csv_folder: Path) -> dict[tuple[int, str], float]:
+    """``{(step, "lr-..."): value}`` from one CSVLogger version folder."""
+    import csv
+
+    rows = csv.DictReader((csv_folder / "metrics.csv").open())
+    return {(int(r["step"]), k): float(v) for r in rows for k, v in r.items() if k.startswith("lr-") and v}
+
+
 def _callback_state(checkpoint: dict, name: str) -> dict:
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith(name)]
     return state
@@ -212,8 +241,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
     assert (at_kill["epoch"], at_kill["global_step"]) == (0, 6)  # end of epoch 0; 2 steps of epoch 1 lost
     assert "global_step 9" in marker.read_text()  # the process had gone 3 steps past the checkpoint
 
+    csv_before = {f: f.read_bytes() for f in (run_dir / "csv").rglob("metrics.csv")}
     resume = [f"ckpt_path={last}"] if how == "ckpt_path" else ["auto_resume=true"]
     out = _train(root, run_dir, resume)
+    # The resumed attempt logs to a CSV file of its own; the killed attempt's stays as it was.
+    assert {f: f.read_bytes() for f in csv_before} == csv_before
+    assert len(list((run_dir / "csv").rglob("metrics.csv"))) == len(csv_before) + 1
     log = (run_dir / "train.log").read_text()
     if how == "auto_resume":
         assert f"auto_resume=True: resuming from {last}" in log
@@ -230,6 +263,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
     a_best, b_best = _load(a_run / "checkpoints" / "best.ckpt"), _load(run_dir / "checkpoints" / "best.ckpt")
     assert a_best["epoch"] == b_best["epoch"]
     assert all(torch.equal(a_best["state_dict"][k], b_best["state_dict"][k]) for k in a_best["state_dict"])
+
+    # The LRs logged by the resumed attempt are the ones the uninterrupted run logged at those
+    # steps: LearningRateMonitor logs epoch 1's LR after ExactResume replayed the scheduler step.
+    lrs_a = _logged_lrs(a_run / "csv" / "version_0")
+    lrs_b = _logged_lrs(sorted((run_dir / "csv").glob("version_*"))[-1])
+    assert (6, "lr-Adam/decoder") in lrs_b  # epoch 1's first step, the one the replay changes
+    assert {k: lrs_a[k] for k in lrs_b} == lrs_b
+    assert len(set(lrs_a.values())) > 1  # lr_patience=1: the LR did change between epochs
 
     metrics_a = json.loads((a_run / "metrics.json").read_text())["metrics"]
     metrics_b = json.loads((run_dir / "metrics.json").read_text())["metrics"]

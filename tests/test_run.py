@@ -288,6 +288,93 @@ def test_init_from_copies_weights_with_fresh_optimizer(trained, tmp_path):
     assert seen["optimizer_state"] == {} and seen["step"] == 0 and seen["epoch"] == 0
 
 
+def test_validation_every_other_epoch_steps_the_lr_scheduler_at_validations(trained, tmp_path):
+    """check_val_every_n_epoch=2 (debug=overfit uses 10): the plateau scheduler monitors val/bleu4,
+    so it is stepped only at the epochs that validate (before: a crash after epoch 0)."""
+    seen = []
+
+    def record(trainer, module):
+        (config,) = trainer.lr_scheduler_configs
+        seen.append((trainer.current_epoch, config.frequency, config.scheduler.last_epoch))
+
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2", "test_after_fit=false",
+        "logger=none", "++trainer.limit_train_batches=1", "++trainer.limit_val_batches=1"]))
+    metrics, _ = train_with(cfg, [Probe("on_train_epoch_end", record).callback])
+    assert 0.0 <= metrics["val/bleu4"] <= 1.0
+    # last_epoch counts the steps taken: after the validations ending epochs 1 and 3 only.
+    assert seen == [(0, 2, 0), (1, 2, 0), (2, 2, 1), (3, 2, 1)]
+
+
+def test_lr_logged_after_resume_is_the_replayed_schedulers(trained, tmp_path):
+    """Resumed from an epoch-end checkpoint, ExactResume replays the plateau scheduler's skipped
+    step before the first resumed epoch; LearningRateMonitor logs that epoch's LR after it."""
+    import csv
+
+    checkpoint = torch.load(trained["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    (scheduler,) = checkpoint["lr_schedulers"]
+    # An unreachable best score and no patience: the replayed step cuts the LR by lr_factor.
+    scheduler.update(best=2.0, patience=0, num_bad_epochs=0)
+    source = tmp_path / "epoch0.ckpt"
+    torch.save(checkpoint, source)
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        f"ckpt_path={source}", "trainer.max_epochs=2", "logger=csv", "test_after_fit=false",
+        "++trainer.limit_train_batches=1", "++trainer.limit_val_batches=1"]))
+    run.train(cfg)
+    (csv_file,) = (tmp_path / "outputs" / "run" / "csv").rglob("metrics.csv")
+    logged = [float(r["lr-Adam/decoder"]) for r in csv.DictReader(csv_file.open()) if r.get("lr-Adam/decoder")]
+    lr = checkpoint["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert logged == [pytest.approx(lr * cfg.model.lr_factor)]
+
+
+def test_resumed_run_stores_its_own_config(trained, tmp_path):
+    """A run resumed with ckpt_path writes its own config into its checkpoints, not the config
+    of the run that wrote the checkpoint it resumed."""
+    source = trained["run_dir"] / "checkpoints" / "last.ckpt"
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        f"ckpt_path={source}", "trainer.max_epochs=2", "model.val_search.max_len=7",
+        "test_after_fit=false", "logger=none", "++trainer.limit_train_batches=1",
+        "++trainer.limit_val_batches=1"]))
+    run.train(cfg)
+    stored = torch.load(tmp_path / "outputs" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stored["epoch"] == 1
+    assert stored["config"]["ckpt_path"] == str(source)
+    assert stored["config"]["paths"]["output_dir"] == str(tmp_path / "outputs" / "run")
+    assert stored["config"]["model"]["val_search"]["max_len"] == 7
+    assert stored["hyper_parameters"]["val_search"]["max_len"] == 7
+
+
+def test_fresh_run_in_a_folder_with_checkpoints_is_refused(trained, tmp_path):
+    """A second fresh run in the same run folder would leave the first run's best.ckpt as the one
+    evaluate.py takes (its own becomes best-v1.ckpt) and overwrite its last.ckpt: refused."""
+    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("best.ckpt", "last.ckpt"):
+        shutil.copy(trained["run_dir"] / "checkpoints" / name, checkpoints / name)
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], ["logger=none"]))
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*best.ckpt, last.ckpt.*"
+                                              r"auto_resume=true.*hydra.run.dir"):
+        run.train(cfg)
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+
+
+def test_auto_resume_refuses_another_runs_checkpoint(trained, tmp_path):
+    """auto_resume=true in a folder holding a checkpoint of a run with other model settings (say
+    stage 1, when stage 2 shares its Slurm job folder) refuses it instead of resuming the wrong model."""
+    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(trained["run_dir"] / "checkpoints" / "last.ckpt", checkpoints / "last.ckpt")
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "logger=none", "auto_resume=true", "model.decoder.dropout=0.1"]))
+    with pytest.raises(ValueError, match=r"model.decoder.dropout: 0.3 there, 0.1 here.*"
+                                         r"another run's checkpoint.*ckpt_path="):
+        run.train(cfg)
+    # The same settings: a requeued job continues itself.
+    same = OmegaConf.to_container(trained["cfg"], resolve=True)
+    run.check_same_run(checkpoints / "last.ckpt", OmegaConf.create({**same, "auto_resume": True}))
+
+
 def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, tmp_path):
     best = tmp_path / "outputs" / "run" / "checkpoints" / "best.ckpt"
     before = {}

@@ -217,7 +217,7 @@ def check_one_run(output_root: Path, log_text: str) -> Path:
     assert [p.parent for p in output_root.rglob("checkpoints") if p.is_dir()] == runs
     assert [p.parent for p in output_root.rglob("metrics.json")] == runs
     # CSVLogger writes on global rank 0 only.
-    assert [p.parent.parent for p in output_root.rglob("metrics.csv")] == runs
+    assert [p.parents[2] for p in output_root.rglob("metrics.csv")] == runs  # csv/version_0
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((runs[0] / "metrics.json").read_text())["metrics"]
     assert "fit_seconds" in metrics
@@ -275,7 +275,7 @@ def test_submitit_launcher_ddp_two_cpu_tasks(train_env, tmp_path):
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
     assert [p.parent for p in tmp_path.rglob("metrics.json")] == [sweep / "0"]
     assert [p.parent for p in tmp_path.rglob("checkpoints") if p.is_dir()] == [sweep / "0"]
-    assert [p.parent.parent for p in tmp_path.rglob("metrics.csv")] == [sweep / "0"]
+    assert [p.parents[2] for p in tmp_path.rglob("metrics.csv")] == [sweep / "0"]
 
 
 def test_sbatch_ddp_two_nodes_one_task_each(cluster, train_env, tmp_path):
