@@ -59,9 +59,10 @@ class WordMap:
         """Build from tokenised captions, keeping words seen at least ``min_word_freq`` times.
 
         The tutorial keeps words with frequency strictly greater than its
-        ``min_word_freq``; ours uses ``>=``, so our ``min_word_freq=6`` equals the
-        tutorial's ``min_word_freq=5``. Words are ordered by frequency (descending), then
-        alphabetically, so the result does not depend on caption order. Ids: words
+        ``min_word_freq``; ours uses ``>=``, so our ``min_word_freq=6`` is the threshold of
+        the tutorial's ``min_word_freq=5`` (preprocessing passes train captions only, where the
+        tutorial counted every split). Words are ordered by frequency (descending), then
+        alphabetically, so the result does not depend on caption order (the tutorial's follows it). Ids: words
         ``1..n``, then ``<unk>``, ``<start>``, ``<end>`` as in the tutorial, ``<pad>`` = 0.
         """
         if min_word_freq < 1:

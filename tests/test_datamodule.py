@@ -278,3 +278,30 @@ def test_prepare_data_on_generated_shapes(tmp_path):
             assert dm.word_map.decode(row) in refs
     raw = dm.raw_references("val")
     assert raw[image_id] == [s["raw"] for s in entries[image_id]["sentences"]]
+
+
+def test_overwrite_rebuilds_once_per_instance(tmp_path, monkeypatch):
+    """data.overwrite=true: one train.py run calls prepare_data three times (run.py, then
+    Lightning's fit and test); only the first rebuilds. A new instance (a new run) rebuilds."""
+    import captioner.data.preprocess as pp
+    from test_preprocess import make_dataset
+
+    json_path, folder = make_dataset(tmp_path / "raw")
+    builds = []
+    build = pp._build
+    monkeypatch.setattr(pp, "_build", lambda *args: builds.append(1) or build(*args))
+    settings = dict(karpathy_json=json_path, image_folder=folder, max_len=8, image_size=8,
+                    preprocess_workers=0)
+    make_dm(tmp_path, **settings).prepare_data()
+    dm = make_dm(tmp_path, overwrite=True, **settings)
+    train = tmp_path / "prepared" / f"TRAIN_IMAGES_{dm.data_name}.hdf5"
+    before = train.stat().st_ino
+    dm.prepare_data()
+    rebuilt = train.stat().st_ino
+    assert len(builds) == 2 and rebuilt != before  # renamed into place: a new inode
+    dm.prepare_data()
+    dm.prepare_data()
+    assert len(builds) == 2 and train.stat().st_ino == rebuilt
+    assert dm.overwrite  # the setting itself is unchanged
+    make_dm(tmp_path, overwrite=True, **settings).prepare_data()
+    assert len(builds) == 3

@@ -150,6 +150,28 @@ def test_writer_drops_unreadable_images_and_compacts(tmp_path, num_workers):
     assert sorted(os.listdir(tmp_path)) == sorted([Path(p).name for p in paths] + ["x.hdf5"])
 
 
+def test_compaction_copy_is_a_hidden_tmp_file_and_keeps_the_mode(tmp_path, monkeypatch):
+    """The compacted copy is built as '.{name}.compact.XXXX.tmp' beside the file (the hidden
+    '*.tmp' names preprocessing sweeps up after a kill) and renamed over it."""
+    made = []
+    create = images._create_contiguous
+    monkeypatch.setattr(images, "_create_contiguous",
+                        lambda path, *args: made.append(Path(path)) or create(path, *args))
+    paths = _files(tmp_path, 4, bad={2})
+    with ImageWriter(16, 0) as writer:
+        writer.write(tmp_path / "plain.hdf5", paths[:2], attrs={}, on_error=_no_errors,
+                     progress=False)
+        writer.write(tmp_path / "x.hdf5", paths, attrs={}, on_error=lambda *e: None,
+                     progress=False)
+    compact = made[2]
+    assert made[:2] == [tmp_path / "plain.hdf5", tmp_path / "x.hdf5"] and len(made) == 3
+    assert compact.parent == tmp_path and compact.suffix == ".tmp"
+    assert compact.name.startswith(".x.hdf5.compact.") and not compact.exists()
+    with h5py.File(tmp_path / "x.hdf5", "r") as h:
+        assert h["images"].shape == (3, 3, 16, 16)
+    assert (tmp_path / "x.hdf5").stat().st_mode == (tmp_path / "plain.hdf5").stat().st_mode
+
+
 def test_on_error_that_raises_aborts(tmp_path):
     paths = _files(tmp_path, 5, bad={2})
 

@@ -1,3 +1,5 @@
+import builtins
+import errno
 import json
 import os
 import random
@@ -539,3 +541,145 @@ def test_peak_memory_does_not_grow_with_the_captions(tmp_path):
     peak(8)  # warm-up: lazily imported modules and caches
     small, large = peak(100), peak(400)
     assert large - small < 300 * 512, (small, large)
+
+
+# --------------------------------------------------------------------------- temp files after a kill
+def test_compaction_temp_left_by_a_kill_is_swept_by_the_next_build(raw, tmp_path, monkeypatch):
+    """skip_bad_images compacts a split's HDF5 through a temp copy (as big as the split: ~22 GB
+    for COCO train); the copy a kill leaves behind is removed by the next build's sweep."""
+    import captioner.data.images as images
+
+    (raw[1] / "sub" / "4.jpg").write_bytes(b"not an image")  # a bad train image: compaction
+    made = []
+    create = images._create_contiguous
+    monkeypatch.setattr(images, "_create_contiguous",
+                        lambda path, *args: made.append(path) or create(path, *args))
+    out = tmp_path / "out"
+    first = run(raw, out, skip_bad_images=True)
+    compact = [Path(path) for path in made if "compact" in Path(path).name]
+    assert len(compact) == 1 and compact[0].parent == out and not compact[0].exists()
+
+    compact[0].write_bytes(b"\0" * 4096)  # what SIGKILL mid-compaction leaves behind
+    split_files(out, first.data_name, "train").images.unlink()  # ... before the commit
+    second = run(raw, out, skip_bad_images=True)
+    assert not second.noop and second.num_images == first.num_images == {"train": 5, "val": 2,
+                                                                          "test": 2}
+    assert not compact[0].exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".preprocess.lock"]
+
+
+# --------------------------------------------------------------------------- decode workers
+def test_default_workers_without_sched_getaffinity(raw, tmp_path, monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity: num_workers=None uses os.cpu_count()."""
+    import captioner.data.preprocess as pp
+
+    run(raw, tmp_path / "serial")
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pp, "CHUNKSIZE", 1)  # so 10 images count as enough for workers
+    workers = []
+
+    class RecordingWriter(pp.ImageWriter):
+        def __enter__(self):
+            workers.append(self.num_workers)
+            return super().__enter__()
+
+    monkeypatch.setattr(pp, "ImageWriter", RecordingWriter)
+    run(raw, tmp_path / "default", num_workers=None)
+    assert workers == [2]
+    assert output_bytes(tmp_path / "default") == output_bytes(tmp_path / "serial")
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable"
+    run(raw, tmp_path / "unknown", num_workers=None)
+    assert workers == [2, 1]
+
+
+# --------------------------------------------------------------------------- read-only output folder
+def _deny_writes_in(monkeypatch, folder: Path, error: int) -> None:
+    """Make every open() for writing of a file in ``folder`` fail with errno ``error``, as a
+    folder and files this process may not write (EACCES) or a read-only mount (EROFS) do."""
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if (isinstance(file, (str, os.PathLike)) and Path(file).parent == folder
+                and any(c in mode for c in "awx+")):
+            raise OSError(error, os.strerror(error), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("lock_file", [True, False])
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS])
+def test_complete_files_in_a_read_only_folder_are_used(raw, tmp_path, monkeypatch, lock_file,
+                                                         error):
+    """A shared dataset folder: complete prepared files beside their raw inputs are used
+    read-only, with or without a lock file there; building there names the folder."""
+    out = tmp_path / "out"
+    first = run(raw, out)
+    if not lock_file:
+        (out / ".preprocess.lock").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _deny_writes_in(monkeypatch, out, error)
+    again = run(raw, out)
+    assert again.noop and again.num_images == first.num_images
+    assert again.fingerprint == first.fingerprint
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    if not lock_file:  # no lock can be had: only the no-op is allowed
+        with pytest.raises(PermissionError, match=f"{out} is not writable.*overwrite=True"):
+            run(raw, out, overwrite=True)
+        split_files(out, first.data_name, "val").images.unlink()
+        with pytest.raises(PermissionError, match=f"{out} is not writable.*incomplete"):
+            run(raw, out)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+@pytest.mark.parametrize("lock_file", [True, False])
+def test_complete_files_in_a_chmod_read_only_folder_are_used(raw, tmp_path, lock_file):
+    out = tmp_path / "out"
+    first = run(raw, out)
+    lock = out / ".preprocess.lock"
+    if lock_file:
+        lock.chmod(0o444)
+    else:
+        lock.unlink()
+    out.chmod(0o555)
+    try:
+        again = run(raw, out)
+        assert again.noop and again.num_images == first.num_images
+    finally:
+        out.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- CLI routing
+@pytest.mark.parametrize("argv, hydra", [
+    (["data=coco"], True),
+    (["data=coco", "data.overwrite=true", "data.preprocess_workers=4"], True),
+    (["data=coco", "--cfg", "job"], True),  # Hydra's own flags among overrides
+    (["-m", "data=flickr8k,flickr30k"], True),
+    (["+data.extra=1", "~data.synthetic"], True),
+    (["data=coco", "--help"], True),  # Hydra's help of the preprocess config
+    ([], False),
+    (["--help"], False),
+    (["--dataset", "coco", "--output_folder", "out/lr=0.1"], False),  # '=' in a flag's value
+    (["--output_folder=out/lr=0.1", "--dataset=coco"], False),
+    (["--karpathy_json_path", "a=b.json", "--out", "x=y"], False),  # argparse's prefixes
+])
+def test_cli_routes_overrides_to_hydra_and_flags_to_argparse(argv, hydra):
+    import captioner.data.preprocess as pp
+
+    assert pp.uses_hydra(argv) is hydra
+
+
+def test_cli_flag_value_with_equals_sign(raw, tmp_path):
+    """`python -m captioner.data.preprocess --output_folder out/lr=0.1 ...` is the argparse CLI."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out" / "lr=0.1"
+    cmd = [sys.executable, "-m", "captioner.data.preprocess", "--dataset", "tiny",
+           "--karpathy_json_path", str(raw[0]), "--image_folder", str(raw[1]),
+           "--output_folder", str(out), "--captions_per_image", "3", "--min_word_freq", "1",
+           "--max_len", "8", "--image_size", str(S), "--num_workers", "0", "--no_progress"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    run(raw, tmp_path / "api")
+    assert output_bytes(out) == output_bytes(tmp_path / "api")

@@ -70,7 +70,9 @@ class CaptionDataModule(LightningDataModule):
         persistent_workers: keep workers between epochs (only with ``num_workers > 0``).
         multiprocessing_context: ``fork``, ``spawn``, ``forkserver`` or None (the default).
         skip_bad_images: preprocessing skips unreadable images instead of failing.
-        overwrite: rebuild the prepared files even if they are up to date.
+        overwrite: rebuild the prepared files even if they are up to date. Once per instance:
+            the first ``prepare_data`` rebuilds, later calls (``train.py`` calls it, then
+            Lightning's ``fit`` and ``test`` again) use the rebuilt files.
         preprocess_workers: processes used to resize images while preprocessing.
         draft_min_ratio: preprocessing decodes JPEGs at 1/2..1/8 scale while that keeps at
             least ``draft_min_ratio * image_size`` pixels per side; None = full decode (see
@@ -129,6 +131,7 @@ class CaptionDataModule(LightningDataModule):
         self.bucket_pool_batches = int(bucket_pool_batches)
         self.datasets: dict[str, CaptionH5Dataset] = {}
         self._word_map: WordMap | None = None
+        self._overwritten = False  # data.overwrite is spent once prepare_data has rebuilt
 
     # ------------------------------------------------------------------ names and files
     @property
@@ -197,7 +200,8 @@ class CaptionDataModule(LightningDataModule):
 
         Preprocessing runs whenever the raw inputs exist; it returns early when its outputs are
         up to date. Without raw inputs, files prepared earlier (ours or the tutorial's) are
-        used as they are.
+        used as they are. ``overwrite`` applies to the first call only: once that call has
+        rebuilt the files, later calls on this instance treat them as up to date.
 
         Raises:
             FileNotFoundError: neither the raw inputs nor the prepared files exist; the message
@@ -210,10 +214,11 @@ class CaptionDataModule(LightningDataModule):
             if Path(generated).resolve() != self.karpathy_json.resolve():
                 raise ValueError(f"generate_shapes wrote {generated}, but data.karpathy_json is "
                                  f"{self.karpathy_json}; set it to {generated}")
+        overwrite = self.overwrite and not self._overwritten
         raw_present = self.karpathy_json.is_file() and self.image_folder.is_dir()
         if not raw_present:
             missing = [p for p in self.prepared_files() if not p.is_file()]
-            if missing or self.overwrite:
+            if missing or overwrite:
                 raw = [p for p in (self.karpathy_json, self.image_folder) if not p.exists()]
                 raise FileNotFoundError(self._missing_message(raw + missing))
             log.info("Raw data for %s not found; using the prepared files in %s",
@@ -227,7 +232,9 @@ class CaptionDataModule(LightningDataModule):
             min_word_freq=self.min_word_freq, output_folder=self.data_folder, max_len=self.max_len,
             image_size=self.image_size, num_workers=self.preprocess_workers,
             draft_min_ratio=self.draft_min_ratio,
-            skip_bad_images=self.skip_bad_images, overwrite=self.overwrite, seed=self.seed)
+            skip_bad_images=self.skip_bad_images, overwrite=overwrite, seed=self.seed)
+        if overwrite:
+            self._overwritten = True
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets the stage needs: fit -> train, val; validate -> val; test/predict -> test."""

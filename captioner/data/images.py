@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -360,8 +361,17 @@ def _create_contiguous(h5_path: str, name: str, shape: tuple[int, ...], attrs: d
 
 
 def _compact(h5_path: str, name: str, kept: list[int]) -> None:
-    """Rewrite ``h5_path`` so ``name`` holds only the rows ``kept`` (attributes kept)."""
-    tmp = f"{h5_path}.compact"
+    """Rewrite ``h5_path`` so ``name`` holds only the rows ``kept`` (attributes kept).
+
+    The copy is built beside it as ``.{file name}.compact.XXXX.tmp`` (one leading dot, also
+    for a hidden file) and renamed over it. Hidden and ending in ``.tmp`` like every temp file
+    of preprocessing, it is removed after a kill by the stale-temp sweep of
+    :func:`captioner.data.preprocess.create_input_files`.
+    """
+    folder, base = os.path.split(h5_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base.lstrip('.')}.compact.", suffix=".tmp",
+                               dir=folder or ".")
+    os.close(fd)
     try:
         with h5py.File(h5_path, "r") as src:
             source = src[name]
@@ -374,6 +384,7 @@ def _compact(h5_path: str, name: str, kept: list[int]) -> None:
                     os.pwrite(fd, source[index].tobytes(), offset + row * row_bytes)
             finally:
                 os.close(fd)
+        os.chmod(tmp, os.stat(h5_path).st_mode & 0o7777)  # mkstemp made it 0600
         os.replace(tmp, h5_path)
     finally:
         Path(tmp).unlink(missing_ok=True)

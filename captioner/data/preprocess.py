@@ -10,7 +10,7 @@ staged first (so a bad image fails before any output is touched), then the word 
 JSONs are renamed into place, then the HDF5 files, which carry ``fingerprint`` and
 ``complete=True``: an HDF5 under its final name means the whole split is complete. A lock file
 serialises concurrent calls (DDP ranks); a call whose outputs exist with the same fingerprint
-is a no-op.
+is a no-op, also in a folder this process cannot write (a shared, read-only dataset folder).
 
 Memory: peak memory does not grow with the captions. The Karpathy JSON is streamed
 (:func:`captioner.data.karpathy.iter_karpathy`) from one open handle in one pass, which
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -44,7 +45,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import IO, BinaryIO, TextIO
 
 import h5py
 
@@ -123,6 +124,14 @@ class PreprocessResult:
     fingerprint: str = ""
 
 
+def _available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the platform has one (Linux),
+    else ``os.cpu_count()`` (macOS and Windows have no ``os.sched_getaffinity``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # --------------------------------------------------------------------------- locking, fingerprints
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
@@ -135,6 +144,53 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# Errors of opening a lock file for writing that mean "this process may not write here".
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def _output_lock(path: Path) -> Iterator[OSError | None]:
+    """:func:`exclusive_lock` on ``path`` in an output folder that may be read-only.
+
+    Yields None while holding the exclusive lock, taken on the lock file opened for appending
+    (created if needed) or, when this process may not write it (another user's lock file in a
+    shared dataset folder, a read-only mount), opened read-only: ``flock`` needs no write
+    access. Yields the error instead, holding no lock, when the lock file does not exist and
+    cannot be created, or cannot be locked read-only (NFS): the caller may then only use
+    outputs that are already complete.
+    """
+    file, error = _open_lock_file(path)
+    if file is not None:
+        with file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            except OSError as e:
+                if file.writable():
+                    raise
+                error = e  # NFS emulates flock with fcntl locks, which need write access
+            else:
+                try:
+                    yield None
+                finally:
+                    fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+                return
+    yield error
+
+
+def _open_lock_file(path: Path) -> tuple[IO | None, OSError | None]:
+    """``path`` opened for appending, else read-only; else (None, why it is not writable)."""
+    try:
+        return open(path, "a"), None
+    except OSError as e:
+        if e.errno not in _NOT_WRITABLE:
+            raise
+        error = e
+    try:
+        return open(path, "rb"), None
+    except FileNotFoundError:
+        return None, error
 
 
 def _sha256(file: BinaryIO) -> str:
@@ -209,8 +265,8 @@ def create_input_files(dataset: str,
         output_folder: where the files go (created).
         max_len: longest caption kept, in tokens; rows hold ``max_len + 2`` ids.
         image_size: images are resized to (S, S) = (image_size, image_size).
-        num_workers: decoding processes; None = CPU count (in-process for tiny datasets),
-            0 = decode in this process.
+        num_workers: decoding processes; None = the CPUs this process may use (in-process
+            for tiny datasets), 0 = decode in this process.
         draft_min_ratio: JPEGs are decoded at a reduced DCT scale when that keeps at least
             ``draft_min_ratio * S`` pixels per side (see
             :func:`captioner.data.images.load_image`); None decodes every image in full.
@@ -228,6 +284,9 @@ def create_input_files(dataset: str,
             other settings (without ``overwrite``), or an image without usable captions.
         OSError: an unreadable image (without ``skip_bad_images``), naming the file and
             its Karpathy entry; no output is left behind.
+        PermissionError: ``output_folder`` is not writable (no lock file can be made there)
+            and its outputs are not complete, or ``overwrite`` asks for a rebuild. Complete
+            outputs in a read-only folder are used as they are.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(dataset)):
         raise ValueError(f"dataset name {dataset!r} must be letters, digits, '_', '-' or '.'")
@@ -245,7 +304,7 @@ def create_input_files(dataset: str,
     paths = [split_files(output_folder, name, split) for split in SPLITS]
     word_map_path = word_map_file(output_folder, name)
 
-    with exclusive_lock(output_folder / LOCK_NAME), contextlib.ExitStack() as stack:
+    with _output_lock(output_folder / LOCK_NAME) as lock_error, contextlib.ExitStack() as stack:
         if not karpathy_json_path.is_file():
             raise FileNotFoundError(f"Karpathy JSON {karpathy_json_path} does not exist")
         # One handle for the hash and every pass: a JSON replaced meanwhile cannot mix in.
@@ -260,6 +319,15 @@ def create_input_files(dataset: str,
         state, detail = _existing_state(paths, word_map_path, fingerprint)
         if state == "complete" and not overwrite:
             return _read_result(output_folder, name, paths, word_map_path, fingerprint)
+        if lock_error is not None:  # unlocked: reading complete files is all we may do
+            files = {"complete": "complete, but overwrite=True asks for a rebuild",
+                     "absent": "missing", "partial": "incomplete",
+                     "conflict": f"from other inputs or settings ({detail})"}[state]
+            raise PermissionError(
+                f"output folder {output_folder} is not writable by this process (cannot create "
+                f"or lock {LOCK_NAME} there: {lock_error.strerror}), and its files for {name} "
+                f"are {files}. Make the folder writable, or prepare the files in a writable "
+                f"output_folder (data.data_folder).")
         if state == "conflict" and not overwrite:
             raise ValueError(f"{detail}. Pass overwrite=True (--overwrite) to rebuild, or choose "
                              f"another output_folder.")
@@ -405,7 +473,7 @@ def _build(source: _Source, cpi: int, min_word_freq: int, name: str, paths: list
 
         total = sum(survey.num_planned.values())
         if num_workers is None:
-            num_workers = len(os.sched_getaffinity(0)) if total >= 4 * CHUNKSIZE else 0
+            num_workers = _available_cpus() if total >= 4 * CHUNKSIZE else 0
         rng = random.Random(seed)
         staged: dict[str, _Staged] = {}
         with ImageWriter(image_size, num_workers, draft_min_ratio) as writer:
@@ -568,7 +636,7 @@ def _stage_images(writer: ImageWriter, planned: Iterator[str], num_planned: int,
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> PreprocessResult:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m captioner.data.preprocess",
         description="Karpathy JSON + images -> the tutorial's HDF5/JSON input files.")
@@ -590,7 +658,12 @@ def main(argv: Sequence[str] | None = None) -> PreprocessResult:
     parser.add_argument("--skip_bad_images", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", dest="progress", action="store_false")
-    args = vars(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> PreprocessResult:
+    """``python -m captioner.data.preprocess --dataset ... --output_folder ...`` (argparse)."""
+    args = vars(_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = create_input_files(**args)
     log.info("%s %s in %s: %s images, %d skipped", "found" if result.noop else "wrote",
@@ -611,9 +684,29 @@ def hydra_main() -> None:
     _prepare()
 
 
+def uses_hydra(argv: Sequence[str]) -> bool:
+    """Whether ``python -m captioner.data.preprocess ARGV`` goes to Hydra (else argparse).
+
+    Hydra takes the training configs' overrides (``data=coco data.overwrite=true``, ``+key=...``,
+    ``~key``), with Hydra's own flags (``--cfg job``, ``-m``) anywhere among them. argparse
+    takes this module's ``--flags``, whose values may hold ``=`` (``--output_folder
+    out/lr=0.1``): any of them (as ``--flag value``, ``--flag=value`` or a prefix argparse
+    accepts) means argparse, and so does a command line without overrides (``--help``).
+    """
+    own = {option for action in _parser()._actions for option in action.option_strings
+           if option.startswith("--") and option != "--help"}  # `data=coco --help`: Hydra's help
+
+    def is_own_flag(arg: str) -> bool:
+        flag = arg.split("=", 1)[0]
+        return flag.startswith("--") and len(flag) > 2 and any(o.startswith(flag) for o in own)
+
+    if any(is_own_flag(arg) for arg in argv):
+        return False
+    return any(not arg.startswith("-") and ("=" in arg or arg.startswith("~")) for arg in argv)
+
+
 if __name__ == "__main__":
-    # Hydra overrides (key=value) use the training configs; --flags use the argparse interface.
-    if any("=" in arg and not arg.startswith("-") for arg in sys.argv[1:]):
+    if uses_hydra(sys.argv[1:]):
         hydra_main()
     else:
         main()
