@@ -4,7 +4,9 @@
         [attention=true] [recursive=false] [output_dir=...]
 
 ``image`` is a file, a folder (its image files, sorted; ``recursive=true`` descends) or a list
-``image=[a.jpg,photos]``. Without ``ckpt_path`` the best checkpoint of the latest training run
+``image=[a.jpg,photos]``. Hydra reads ``image=2023`` as an int (fine) but ``image=2023.10`` as
+the float 2023.1, so quote such a name for Hydra inside the shell's quotes: ``image="'2023.10'"``.
+Without ``ckpt_path`` the best checkpoint of the latest training run
 is used (``{paths.output_root}/train/latest/checkpoints/best.ckpt``, else ``last.ckpt``).
 Each image prints ``path: caption`` on stdout; a missing, unreadable or non-image file prints an
 error line naming it on stderr and the others are still captioned; the exit code is 1 if any
@@ -31,7 +33,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from PIL import Image
 from torch import Tensor
 
@@ -205,8 +207,19 @@ def figure_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[Pa
 
 
 def _expand_inputs(image: Any, recursive: bool) -> tuple[list[Path], list[Path | None], list[str]]:
-    """Inputs -> (paths, their roots, errors for folders without images)."""
-    inputs = [image] if isinstance(image, (str, os.PathLike)) else list(image)
+    """Inputs -> (paths, their roots, errors for folders without images).
+
+    ``image`` is one input (a str or path, or the int or float Hydra makes of a name such as
+    ``2023``) or a list, tuple or ``ListConfig`` of them.
+
+    Raises:
+        ValueError: an input is not a str, path or number (``image=true`` is a bool).
+    """
+    inputs = list(image) if isinstance(image, (list, tuple, ListConfig)) else [image]
+    for item in inputs:
+        if isinstance(item, bool) or not isinstance(item, (str, os.PathLike, int, float)):
+            raise ValueError(f"image: {item!r} ({type(item).__name__}) is not a path; quote a file or "
+                             f"folder name that Hydra reads as another type: image=\"'true'\"")
     paths: list[Path] = []
     roots: list[Path | None] = []
     errors: list[str] = []

@@ -218,8 +218,14 @@ _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-
 _CONTRACTION = r"(?:s|re|ve|ll|d|m)"
 _WORD_CHARS = r"(?:(?!n't\b)\w)+"  # stops before "n't" so "isn't" -> "is" "n't"
 _WORD_SEP = rf"(?:[-./+@]|(?<=\d)[,:](?=\d)|'(?!{_CONTRACTION}\b|t\b|n')(?=\w))"
+# PTBLexer's SGML token: a tag such as <unk>, </a>, <a b='c'/> or <!-- x --> is one token, so
+# the word map's own <unk> (and <start>, <end>) stays whole; names are ASCII, values quoted.
+_SGML_NAME = r"[a-z][a-z0-9_:.-]*"
+_SGML_ATTR = rf"""[ ]+{_SGML_NAME}(?:[ ]*=[ ]*(?:'[^'\r\n]*'|"[^"\r\n]*"))?"""
+_SGML = rf"<(?:[!?][a-z-][^>\r\n]*|{_SGML_NAME}(?:{_SGML_ATTR})*[ ]*/?[ ]*|/{_SGML_NAME}[ ]*)>"
 _PTB_TOKEN = re.compile(rf"""
       https?://\S+ | www\.\S+                          # URLs stay whole
+    | {_SGML} | << | >>                                 # tags <unk> </a>; fake duck feet <<
     | [:;]-?[()]                                        # emoticons, brackets escaped later
     | (?<![\w.])(?:[a-z]\.){{2,}}                      # u.s.a.  e.g.  a.m.
     | (?<![\w.'])(?:{_ABBREVIATIONS})\.(?!\w)          # mr.  st.  etc.
@@ -246,8 +252,10 @@ def ptb_tokenize_python(caption: str) -> str:
     (written ``-lrb-`` etc. and, as in pycocoevalcap, *not* removed after lowercasing),
     quotes and clitics (``is n't``, ``man 's``, ``can not``, ``gon na``); keep decimals,
     ``1,000``, ``10:30``, ``3/4``, hyphenated words, ``u.s.a.``, ``e.g.`` and common
-    abbreviations (``mr.``, ``st.``). It equals the Java tokenizer on ordinary caption
-    text; rare constructs (``5p.m.``, exotic abbreviations) can differ.
+    abbreviations (``mr.``, ``st.``) and SGML-like tags such as the word map's ``<unk>``
+    (``a<unk>.`` -> ``a <unk>``; spaces inside a tag become U+00A0, as in Java). It equals
+    the Java tokenizer on ordinary caption text; rare constructs (``5p.m.``, exotic
+    abbreviations) can differ.
 
     Returns:
         The space-joined tokens, punctuation removed (``""`` if nothing is left).
@@ -261,6 +269,8 @@ def ptb_tokenize_python(caption: str) -> str:
             tok = tok[:-1] + _BRACKETS[tok[-1]]
         elif tok == '"':
             tok = "''"
+        elif tok[0] == "<" and len(tok) > 2:  # an SGML tag: Java's normalizeSpace
+            tok = tok.replace(" ", "\u00a0")
         if tok not in PTB_PUNCTUATIONS:
             tokens.append(tok)
     return " ".join(tokens)

@@ -168,6 +168,24 @@ def test_caption_module_exits_with_1_when_an_input_fails(tmp_path):
     assert len(runs) == 1 and (runs[0] / "attention" / "a_rgb.png").is_file()
 
 
+def test_caption_takes_names_that_hydra_reads_as_numbers(tmp_path, monkeypatch, capsys):
+    for name in ["2023", "2023.10"]:
+        (tmp_path / name).mkdir()
+        Image.fromarray(picture(40, 30)).save(tmp_path / name / "a.png")
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "model.ckpt")
+    monkeypatch.chdir(tmp_path)
+
+    one = caption_cfg(tmp_path, "2023", ckpt, "attention=false")
+    several = caption_cfg(tmp_path, "[2023,'2023.10']", ckpt, "attention=false")
+    assert one.image == 2023 and isinstance(one.image, int) and list(several.image) == [2023, "2023.10"]
+    assert caption(one) == 0 and caption(several) == 0
+    out, err = capsys.readouterr()
+    assert [line.split(": ")[0] for line in out.splitlines()] == ["2023/a.png", "2023/a.png", "2023.10/a.png"]
+    assert "error" not in err
+    with pytest.raises(ValueError, match=r"True \(bool\) is not a path"):
+        caption(caption_cfg(tmp_path, "true", ckpt))
+
+
 # ----------------------------------------------------------------------------- preprocessing
 @pytest.mark.parametrize("draft", [{}, {"draft_min_ratio": None}], ids=["draft", "full_decode"])
 def test_inference_pixels_are_the_hdf5_rows_of_preprocessing(tmp_path, draft):

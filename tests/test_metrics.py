@@ -15,6 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 from captioner import metrics
 from captioner.metrics import (CaptionAccumulator, coco_scores, corpus_bleu_scores,
                                ptb_tokenize_python, topk_accuracy)
+from captioner.vocab import END, PAD, START, UNK
 
 HAS_JAVA = shutil.which("java") is not None
 
@@ -161,12 +162,24 @@ RAW_REFS = {
 PUNCT_CAPTIONS = ["A man's hat (red) isn't blue!", 'She said "hello," then left...',
                   "Two dogs; one cat: e.g. pets -- U.S.A. style", "It's 3.5 miles, 1,000 feet at 10:30.",
                   "A t-shirt [white] and {braces}", "The kids' toys won't fit", "A CAFÉ – open… cannot"]
+# The word map's special tokens, glued to words and punctuation, and other tag shapes.
+TAG_CAPTIONS = ["a <unk> sitting on a bench", "a<unk> on <UNK>.", "<unk>'s hat <unk>-like <unk>!",
+                "<start> a dog <end> <pad>", "<unk><unk>,<unk>", "a < b and c > d, <1> <3 <>",
+                "</a> <a b='c d'/> <a b=c> <a  > <!-- x -->", "<<unk>> and << quotes >>"]
 
 
 def test_python_tokenizer_known_output():
     assert ptb_tokenize_python("A man's hat (red) isn't blue!") == "a man 's hat -lrb- red -rrb- is n't blue"
     assert ptb_tokenize_python("It's 3.5 miles, 1,000 feet.") == "it 's 3.5 miles 1,000 feet"
     assert ptb_tokenize_python("...") == ""
+    assert ptb_tokenize_python("A <unk> on a<unk>.") == "a <unk> on a <unk>"
+    assert ptb_tokenize_python("a < b and c > d") == "a < b and c > d"
+
+
+def test_python_tokenizer_keeps_word_map_tokens():
+    # Decoded captions are word-map tokens joined by spaces; none of them may be split.
+    words = ["a", UNK, "on", START, END, PAD, "bench", UNK]
+    assert ptb_tokenize_python(" ".join(words)).split(" ") == words
 
 
 def test_punctuation_list_matches_pycocoevalcap():
@@ -176,8 +189,9 @@ def test_punctuation_list_matches_pycocoevalcap():
 
 @pytest.mark.skipif(not HAS_JAVA, reason="PTBTokenizer needs Java")
 def test_python_tokenizer_equals_ptbtokenizer():
-    java = metrics._ptb_tokenize_java({"x": PUNCT_CAPTIONS})["x"]
-    assert [ptb_tokenize_python(c) for c in PUNCT_CAPTIONS] == java
+    captions = PUNCT_CAPTIONS + TAG_CAPTIONS
+    java = metrics._ptb_tokenize_java({"x": captions})["x"]
+    assert [ptb_tokenize_python(c) for c in captions] == java
 
 
 def _perfect_and_wrong():
