@@ -168,8 +168,9 @@ class WordMap:
                 data = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"word map {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"word map {path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. a checkpoint given instead
+            raise ValueError(f"word map {path} is not a JSON text file ({e}); expected the "
+                             f"tutorial's WORDMAP_*.json") from None
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError, AttributeError) as e:

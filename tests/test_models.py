@@ -239,6 +239,21 @@ def test_folded_batchnorm_follows_loaded_and_edited_weights():
     assert encoder._folded == {}
 
 
+def test_folded_batchnorm_in_an_encoder_built_under_inference_mode():
+    """Parameters created under ``torch.inference_mode()`` (a checkpoint loaded there) have no
+    version counter: the folded copy is built once and gives the plain trunk's features."""
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        plain = randomise_batchnorm(tiny_encoder(last_stage=3, fold_batchnorm=False)).eval()
+        folded = tiny_encoder(last_stage=3).eval()
+        folded.load_state_dict(plain.state_dict())
+        assert next(folded.parameters()).is_inference()
+        torch.testing.assert_close(folded(images), plain(images), rtol=1e-5, atol=1e-5)
+        built = folded._folded[(images.device, None)][0]
+        folded(images)
+        assert folded._folded[(images.device, None)][0] is built
+
+
 def test_folded_batchnorm_under_autocast_keeps_weights_in_the_autocast_dtype():
     """Under (CPU) bf16 autocast the folded copy's weights are bf16 already, so no convolution
     casts its weight at each call (the plain trunk casts every convolution's weight at every
@@ -320,11 +335,13 @@ def test_set_fine_tune_switches_stages_after_construction():
         enc.set_fine_tune(True, 4)
 
 
-@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module_prefix"])
+@pytest.mark.parametrize("wrap", ["raw", "state_dict", "model", "module_prefix", "pre_0.4.1"])
 def test_weights_path_loads_a_torchvision_state_dict(tmp_path, wrap):
     reference = torchvision.models.resnet18(weights=None).eval()
     state = reference.state_dict()
-    if wrap == "module_prefix":
+    if wrap == "pre_0.4.1":  # files saved before BatchNorm had num_batches_tracked (the tutorial's era)
+        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    elif wrap == "module_prefix":
         state = {f"module.{k}": v for k, v in state.items()}
     elif wrap != "raw":
         state = {wrap: state, "epoch": 3}
@@ -344,6 +361,12 @@ def test_weights_path_of_another_arch_is_refused(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match=str(path).replace("\\", "\\\\")):
         ImageEncoder("resnet18", pretrained=False, weights_path=path)
+    # A deeper arch of the same block type has every key of the shallower one, and more.
+    deeper = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), deeper)
+    with pytest.raises(ValueError, match=r"resnet34.pth: the state dict has \d+ trunk key\(s\) this arch "
+                                         r"does not.*layer1.2.*model.encoder.arch"):
+        ImageEncoder("resnet18", pretrained=False, weights_path=deeper)
     with pytest.raises(FileNotFoundError, match="weights_path"):
         ImageEncoder("resnet18", weights_path=tmp_path / "missing.pth")
 

@@ -61,6 +61,10 @@ def test_bad_word_maps_are_rejected(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         WordMap.load(bad)
+    checkpoint = tmp_path / "model.ckpt"  # the arguments swapped: a binary file
+    checkpoint.write_bytes(b"PK\x03\x04\x80\x81\xff")
+    with pytest.raises(ValueError, match=r"model.ckpt is not a JSON text file.*WORDMAP"):
+        WordMap.load(checkpoint)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

@@ -225,14 +225,25 @@ class ImageEncoder(nn.Module):
     @staticmethod
     def _load_trunk(resnet: nn.Module, state_dict: dict[str, Tensor], kept: list[str],
                     source: str) -> None:
-        """Load the kept trunk keys strictly; keys of dropped stages and fc are ignored."""
+        """Load the kept trunk keys strictly; keys of dropped stages and fc are ignored.
+
+        BatchNorm's ``num_batches_tracked`` may be absent (files saved before PyTorch 0.4.1, like
+        the ImageNet files of the tutorial's time): it only counts training batches, and is
+        left at 0 as torchvision's own strict loading does.
+        """
+        in_kept = {k for k in state_dict if k.split(".", 1)[0] in kept}
         trunk_keys = {k for k in resnet.state_dict() if k.split(".", 1)[0] in kept}
-        missing = sorted(trunk_keys - state_dict.keys())
-        if missing:
-            raise ValueError(f"{source}: the state dict lacks {len(missing)} trunk key(s) this "
-                             f"encoder needs, e.g. {missing[:3]}; is it a torchvision "
-                             f"{type(resnet).__name__} state dict of the same arch?")
-        subset = {k: state_dict[k] for k in trunk_keys}
+        missing = sorted(k for k in trunk_keys - in_kept if not k.endswith(".num_batches_tracked"))
+        # Keys of the kept stages this arch lacks: a deeper arch's file (resnet101's into resnet50).
+        unexpected = sorted(in_kept - trunk_keys)
+        if missing or unexpected:
+            problem = (f"lacks {len(missing)} trunk key(s) this encoder needs, e.g. {missing[:3]}"
+                       if missing else
+                       f"has {len(unexpected)} trunk key(s) this arch does not, e.g. {unexpected[:3]}")
+            raise ValueError(f"{source}: the state dict {problem}; is it a torchvision "
+                             f"{type(resnet).__name__} state dict of the same arch "
+                             f"(model.encoder.arch)?")
+        subset = {k: state_dict[k] for k in trunk_keys & in_kept}
         try:
             resnet.load_state_dict(subset, strict=False)
         except RuntimeError as e:
@@ -355,7 +366,10 @@ class ImageEncoder(nn.Module):
             return None  # not frozen after all (set by hand): run them as they are
         # Every in-place change bumps a tensor's version (DDP's buffer broadcast before each
         # training forward does not: tests/test_ddp.py checks the copy is not rebuilt per step).
-        version = sum(map(_version, params)) + sum(map(_version, buffers))
+        try:
+            version = sum(map(_version, params)) + sum(map(_version, buffers))
+        except RuntimeError:  # inference tensors (a model built under inference_mode) have none
+            version = -1  # and no in-place change outside inference mode: fold once
         enabled, dtype = _autocast_state(images.device.type)
         key = (images.device, dtype if enabled else None)
         entry = self._folded.get(key)
