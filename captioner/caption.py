@@ -4,8 +4,9 @@
         [attention=true] [recursive=false] [output_dir=...]
 
 ``image`` is a file, a folder (its image files, sorted; ``recursive=true`` descends) or a list
-``image=[a.jpg,photos]``. Hydra reads ``image=2023`` as an int (fine) but ``image=2023.10`` as
-the float 2023.1, so quote such a name for Hydra inside the shell's quotes: ``image="'2023.10'"``.
+``image=[a.jpg,photos]``. Hydra reads a number-like name as a number (``2023`` stays ``2023``,
+but ``2023.10`` becomes 2023.1 and ``2023_01`` 202301), so quote such a name for Hydra inside
+the shell's quotes: ``image="'2023.10'"``.
 Without ``ckpt_path`` the best checkpoint of the latest training run
 is used (``{paths.output_root}/train/latest/checkpoints/best.ckpt``, else ``last.ckpt``).
 Each image prints ``path: caption`` on stdout; a missing, unreadable or non-image file prints an
@@ -207,7 +208,8 @@ def figure_names(paths: Sequence[Path], roots: Sequence[Path | None]) -> list[Pa
 
 
 def _expand_inputs(image: Any, recursive: bool) -> tuple[list[Path], list[Path | None], list[str]]:
-    """Inputs -> (paths, their roots, errors for folders without images).
+    """Inputs -> (paths, their roots, errors for folders without images and for numbers that
+    name nothing, which say how to quote the name).
 
     ``image`` is one input (a str or path, or the int or float Hydra makes of a name such as
     ``2023``) or a list, tuple or ``ListConfig`` of them.
@@ -223,8 +225,14 @@ def _expand_inputs(image: Any, recursive: bool) -> tuple[list[Path], list[Path |
     paths: list[Path] = []
     roots: list[Path | None] = []
     errors: list[str] = []
-    for item in inputs:
-        item = Path(str(item)).expanduser()
+    for value in inputs:
+        item = Path(str(value)).expanduser()
+        if isinstance(value, (int, float)) and not item.exists():
+            # Hydra read a name as a number: 2023_01 -> 202301, 2023.10 -> 2023.1, 1e3 -> 1000.0.
+            errors.append(f"{item}: no such file or folder; Hydra read image as the number {value!r}. "
+                          f"Quote a number-like name for Hydra inside the shell's quotes: "
+                          f"image=\"'2023_01'\"")
+            continue
         if item.is_dir():
             found = find_images(item, recursive)
             if not found:

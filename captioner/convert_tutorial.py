@@ -251,8 +251,10 @@ def tutorial_data_config(data_folder: str, dataset: str = "coco", captions_per_i
     return {"_target_": "captioner.data.datamodule.CaptionDataModule",
             "dataset": dataset,
             "data_folder": str(data_folder),
-            "karpathy_json": karpathy_json or f"data/{dataset}/dataset_{dataset}.json",
-            "image_folder": image_folder or f"data/{dataset}/images",
+            # No raw inputs unless given: the tutorial's folder is used as it is, never rebuilt,
+            # even where data/coco holds the raw COCO inputs.
+            "karpathy_json": karpathy_json,
+            "image_folder": image_folder,
             "captions_per_image": captions_per_image,
             "min_word_freq": min_word_freq,
             "max_len": max_len,

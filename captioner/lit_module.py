@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -237,12 +236,10 @@ class CaptioningModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
         scores = self._captions.compute()  # identical on every rank: gathered, de-duplicated
-        with warnings.catch_warnings():
-            # Lightning suggests sync_dist=True for epoch-level values under DDP; these are
-            # already the same exact number on every rank, and averaging could only blur them.
-            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-            for name, value in scores.items():
-                self.log(f"{stage}/{name}", float(value), sync_dist=False)
+        # Lightning suggests sync_dist=True for epoch-level values under DDP (a warning it emits
+        # later, at the epoch's end); these are already the same exact number on every rank.
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", float(value), sync_dist=False)
         return scores
 
     def on_validation_epoch_start(self) -> None:
@@ -316,11 +313,15 @@ class CaptioningModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience - 1)
         # Stepped at the epochs that validate (trainer.check_val_every_n_epoch, e.g. debug=overfit's
-        # 10): at the others val/bleu4 is missing, or stale from the last validation.
-        every = (self._trainer.check_val_every_n_epoch or 1) if self._trainer is not None else 1
+        # 10): at the others val/bleu4 is missing, or stale from the last validation. Validation
+        # by steps (check_val_every_n_epoch=null) or none at all: every epoch end that has a
+        # val/bleu4 (the latest one), skipped with Lightning's warning before the first.
+        trainer = self._trainer
+        every = trainer.check_val_every_n_epoch if trainer is not None else 1
+        by_epochs = every is not None and (trainer is None or trainer.limit_val_batches != 0)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch",
-                                 "frequency": every, "strict": True}}
+                                 "frequency": every if by_epochs else 1, "strict": by_epochs}}
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,22 +101,26 @@ def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
     return find_last_checkpoint(output_root, task_name) if key == "newest" else None
 
 
-def refuse_used_folder(run_dir: Path, checkpoint_dirs: list[Path]) -> None:
+def refuse_used_folder(run_dir: Path, checkpoint_dirs: list[Path], cfg: DictConfig) -> None:
     """Refuse to start a fresh run where an earlier run's checkpoints are.
 
     Its ``best.ckpt`` would stay (the new one is ``best-v1.ckpt``) and be what ``evaluate.py``
     and ``caption`` take, and its ``last.ckpt`` would be overwritten. This happens when two
     ``train.py`` runs share ``hydra.run.dir``, e.g. two stages in one Slurm job, whose id names
-    the folder. Lightning's own Slurm checkpoint (``hpc_ckpt_*.ckpt``) is a resume, not a conflict.
+    the folder. Lightning's own Slurm checkpoint (``hpc_ckpt_*.ckpt``), which Lightning resumes
+    by itself under Slurm, must come from a run with these settings (:func:`check_same_run`).
     """
-    if os.environ.get("SLURM_JOB_ID") and any(run_dir.glob("hpc_ckpt_*.ckpt")):
-        return  # Lightning resumes a requeued Slurm job from it by itself
-    found = sorted(p for d in checkpoint_dirs for p in Path(d).glob("*.ckpt"))
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    if os.environ.get("SLURM_JOB_ID") and hpc:
+        check_same_run(hpc[-1], cfg, "Lightning would resume this Slurm job from")
+        return  # a requeued job: Lightning resumes it
+    folders = list(dict.fromkeys(Path(d).resolve() for d in checkpoint_dirs))
+    found = sorted(p for d in folders for p in d.glob("*.ckpt"))
     if found:
         names = ", ".join(p.name for p in found)
         raise FileExistsError(
             f"the run folder {run_dir} already holds checkpoints of an earlier run "
-            f"({Path(found[0]).parent}: {names}); a new run there would overwrite its last.ckpt "
+            f"({found[0].parent}: {names}); a new run there would overwrite its last.ckpt "
             "and leave its best.ckpt as the one evaluate.py uses. Continue that run with "
             "auto_resume=true (or ckpt_path=.../last.ckpt), or give this run a folder of its "
             "own: hydra.run.dir=<new folder> (under Slurm, one per train.py call of a job).")
@@ -128,8 +132,8 @@ SAME_RUN_KEYS = ("model", "init_from")
 FREE_MODEL_KEYS = (".val_search", ".test_search", ".num_log_examples")
 
 
-def check_same_run(ckpt_path: str | os.PathLike, cfg: DictConfig) -> None:
-    """Refuse an ``auto_resume`` checkpoint written by a run with other model settings.
+def check_same_run(ckpt_path: str | os.PathLike, cfg: DictConfig, found_by: str) -> None:
+    """Refuse to resume a checkpoint of this run folder written by a run with other model settings.
 
     A requeued job has the same settings. Another run in the same folder (say stage 2 of a
     recipe after stage 1) would otherwise resume the wrong model and fail later with an
@@ -145,7 +149,7 @@ def check_same_run(ckpt_path: str | os.PathLike, cfg: DictConfig) -> None:
                   if there.get(name) != here.get(name) and not name.startswith(FREE_MODEL_KEYS)]
     if diffs:
         raise ValueError(
-            f"auto_resume={cfg.auto_resume} found {ckpt_path}, written by a run with other settings "
+            f"{found_by} {ckpt_path}, written by a run with other settings "
             f"({'; '.join(diffs[:6])}): it is another run's checkpoint. Give this run a folder of "
             f"its own (hydra.run.dir=<new folder>), or resume that checkpoint explicitly with "
             f"ckpt_path={ckpt_path}.")
@@ -272,6 +276,37 @@ def configure_allocator(setting: str | bool, trainer: L.Trainer) -> bool:
 
 
 # ---------------------------------------------------------------------- train
+def resume_from(cfg: DictConfig, run_dir: Path, checkpoint_dirs: list[Path]) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes: ``ckpt_path``, else what ``auto_resume`` finds.
+
+    Raises:
+        FileExistsError: a fresh run in a folder holding another run's checkpoints.
+        ValueError: ``auto_resume`` found a checkpoint of a run with other settings.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    rank_zero = rank_zero_only.rank == 0
+    if ckpt_path is None and cfg.get("auto_resume"):
+        found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
+                                       cfg.paths.output_root, cfg.task_name)
+        if found is not None:
+            check_same_run(found, cfg, f"auto_resume={cfg.auto_resume} found")
+        ckpt_path = str(found) if found else None
+        if rank_zero:
+            log.info("auto_resume=%s: %s", cfg.auto_resume,
+                     f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
+            if ckpt_path and cfg.get("init_from"):  # a requeued stage-2 job continues itself
+                log.info("init_from=%s is superseded by the resumed checkpoint", cfg.init_from)
+    if ckpt_path is None:
+        refuse_used_folder(run_dir, checkpoint_dirs, cfg)
+    own_dirs = {d.resolve() for d in checkpoint_dirs}
+    if (ckpt_path and rank_zero and own_dirs
+            and Path(ckpt_path).resolve().parent not in own_dirs | {run_dir.resolve()}):
+        log.warning("Resuming %s in another run folder (%s): ModelCheckpoint starts its best-score tracking "
+                    "afresh here. To keep the best checkpoint and score, resume in the same folder: "
+                    "hydra.run.dir=<that run folder>", ckpt_path, run_dir)
+    return ckpt_path
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
     if cfg.get("init_from_required") and not cfg.get("init_from"):
@@ -282,10 +317,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          f"init_from={cfg.init_from} starts a new one from weights only: pass one of them")
     L.seed_everything(cfg.seed, workers=True)
     run_dir = output_dir(cfg)
+    callbacks = build_callbacks(cfg)
+    # Which checkpoint this run resumes, checked before the data is prepared (it may be refused).
+    checkpoint_dirs = [Path(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    ckpt_path = resume_from(cfg, run_dir, checkpoint_dirs)
 
     datamodule = instantiate(cfg.data, _convert_="all")
-    if rank_zero_only.rank != 0:
-        datamodule.overwrite = False  # data.overwrite: global rank 0 rebuilds, the others wait on its lock
+    if rank_zero_only.rank != 0 and datamodule.overwrite is True:
+        # data.overwrite: global rank 0 rebuilds; the others use matching files and rebuild
+        # only files made with other settings (whichever rank takes the lock first).
+        datamodule.overwrite = "stale"
     # Idempotent and lock-protected, so every rank may call it; the word map is needed to
     # build the model before the Trainer exists.
     datamodule.prepare_data()
@@ -295,7 +336,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_weights(model, cfg.init_from)
 
     loggers = build_loggers(cfg)
-    callbacks = build_callbacks(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     callbacks.insert(0, ExactResume(cfg.seed))  # first: its resume-time LR step precedes the LR monitor
@@ -303,27 +343,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
     batch = batch_summary(trainer, datamodule)
     log_batch_summary(batch, model)
-    ckpt_path = cfg.get("ckpt_path")
-    checkpoint_dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath]
-    if ckpt_path is None and cfg.get("auto_resume"):
-        found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
-                                       cfg.paths.output_root, cfg.task_name)
-        ckpt_path = str(found) if found else None
-        if trainer.is_global_zero:
-            log.info("auto_resume=%s: %s", cfg.auto_resume,
-                     f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint found, starting fresh")
-            if ckpt_path and cfg.get("init_from"):  # a requeued stage-2 job continues itself
-                log.info("init_from=%s is superseded by the resumed checkpoint", cfg.init_from)
-    if ckpt_path is None:
-        refuse_used_folder(run_dir, checkpoint_dirs)
-    elif cfg.get("auto_resume") and str(ckpt_path) != str(cfg.get("ckpt_path")):
-        check_same_run(ckpt_path, cfg)
-    own_dirs = {d.resolve() for d in checkpoint_dirs}
-    if (ckpt_path and trainer.is_global_zero and own_dirs
-            and Path(ckpt_path).resolve().parent not in own_dirs | {run_dir.resolve()}):
-        log.warning("Resuming %s in another run folder (%s): ModelCheckpoint starts its best-score tracking "
-                    "afresh here. To keep the best checkpoint and score, resume in the same folder: "
-                    "hydra.run.dir=<that run folder>", ckpt_path, run_dir)
 
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

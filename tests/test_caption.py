@@ -184,6 +184,14 @@ def test_caption_takes_names_that_hydra_reads_as_numbers(tmp_path, monkeypatch, 
     assert "error" not in err
     with pytest.raises(ValueError, match=r"True \(bool\) is not a path"):
         caption(caption_cfg(tmp_path, "true", ckpt))
+    # 2023_01 is the int 202301 to Hydra: the error says so and how to quote it.
+    (tmp_path / "2023_01").mkdir()
+    Image.fromarray(picture(40, 30)).save(tmp_path / "2023_01" / "a.png")
+    assert caption(caption_cfg(tmp_path, "2023_01", ckpt, "attention=false")) == 1
+    assert caption(caption_cfg(tmp_path, "'2023_01'", ckpt, "attention=false")) == 0  # the shell's quotes gone
+    out, err = capsys.readouterr()
+    assert "202301: no such file or folder; Hydra read image as the number 202301" in err
+    assert out.splitlines() == ["2023_01/a.png: " + out.splitlines()[0].split(": ", 1)[1]]
 
 
 # ----------------------------------------------------------------------------- preprocessing

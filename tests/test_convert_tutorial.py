@@ -256,7 +256,14 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
     assert main([str(tutorial["path"]), str(result.word_map_path), str(out), "--data-folder", str(prepared),
                  "--min-word-freq", "1", "--image-size", str(IMAGE_SIZE)]) == 0
 
-    monkeypatch.chdir(tmp_path)  # the stored raw-data paths do not exist here: prepared files are used
+    stored = torch.load(out, weights_only=True)["config"]["data"]
+    assert (stored["karpathy_json"], stored["image_folder"]) == (None, None)
+    # The README's raw COCO layout under the working directory: the converted checkpoint's data
+    # is the prepared folder only, which is never rebuilt (it was: a fingerprint conflict).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "coco" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "coco" / "dataset_coco.json").write_text('{"images": []}')
+    before = {f: f.stat().st_mtime_ns for f in prepared.iterdir()}
     cfg = compose("evaluate", [f"ckpt_path={out}", "trainer=cpu", "coco_metrics=false", "beam=3",
                                "batch_size=2", "++data.num_workers=0", f"paths.output_root={tmp_path / 'outputs'}",
                                f"paths.output_dir={tmp_path / 'outputs' / 'eval'}",
@@ -264,6 +271,7 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
     summary = evaluate(cfg)
     assert summary["num_images"] == 1
     assert summary["metrics"]["bleu4_nltk"] == pytest.approx(1.0)  # it reproduces its 7-word test caption
+    assert {f: f.stat().st_mtime_ns for f in prepared.iterdir()} == before
 
 
 # ----------------------------------------------------------------------------- detection

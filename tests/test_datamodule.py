@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import h5py
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -305,3 +306,30 @@ def test_overwrite_rebuilds_once_per_instance(tmp_path, monkeypatch):
     assert dm.overwrite  # the setting itself is unchanged
     make_dm(tmp_path, overwrite=True, **settings).prepare_data()
     assert len(builds) == 3
+
+
+def test_stale_overwrite_keeps_matching_files_and_rebuilds_other_settings(tmp_path, monkeypatch):
+    """overwrite="stale" (train.py's DDP ranks other than 0 under data.overwrite=true): files
+    prepared with these settings are used as they are; files of other settings are rebuilt
+    instead of refused, whichever rank takes the lock first."""
+    import captioner.data.preprocess as pp
+    from test_preprocess import make_dataset
+
+    json_path, folder = make_dataset(tmp_path / "raw")
+    builds = []
+    build = pp._build
+    monkeypatch.setattr(pp, "_build", lambda *args: builds.append(1) or build(*args))
+    settings = dict(karpathy_json=json_path, image_folder=folder, max_len=8, preprocess_workers=0)
+    make_dm(tmp_path, image_size=8, **settings).prepare_data()
+    make_dm(tmp_path, image_size=8, overwrite="stale", **settings).prepare_data()
+    assert len(builds) == 1
+    with pytest.raises(ValueError, match="overwrite=True"):
+        make_dm(tmp_path, image_size=12, **settings).prepare_data()
+    dm = make_dm(tmp_path, image_size=12, overwrite="stale", **settings)
+    dm.prepare_data()
+    assert len(builds) == 2 and dm.word_map is not None
+    with h5py.File(tmp_path / "prepared" / f"TRAIN_IMAGES_{dm.data_name}.hdf5", "r") as h5:
+        assert h5["images"].shape[-1] == 12
+    with pytest.raises(ValueError, match="overwrite must be true, false or 'stale'"):
+        pp.create_input_files("x", json_path, folder, 1, 1, tmp_path / "other", overwrite="yes")
+

@@ -306,6 +306,21 @@ def test_validation_every_other_epoch_steps_the_lr_scheduler_at_validations(trai
     assert seen == [(0, 2, 0), (1, 2, 0), (2, 2, 1), (3, 2, 1)]
 
 
+@pytest.mark.parametrize("validation", [
+    ["trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=2"],
+    ["++trainer.limit_val_batches=0", "callbacks.early_stopping=null"]], ids=["by_steps", "none"])
+def test_validation_by_steps_or_none_does_not_stop_training(trained, tmp_path, validation):
+    """Validation every 2 steps of 1-step epochs, or no validation (early stopping off): epochs
+    end without a val/bleu4 and the plateau scheduler skips them instead of stopping the run."""
+    seen = []
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "trainer.max_epochs=2", "test_after_fit=false", "logger=none", "++trainer.limit_train_batches=1",
+        *validation]))
+    metrics, _ = train_with(cfg, [Probe("on_train_end", lambda t, m: seen.append(t.current_epoch)).callback])
+    assert seen == [2]  # both epochs ran
+    assert ("val/bleu4" in metrics) == (validation[0] != "++trainer.limit_val_batches=0")
+
+
 def test_lr_logged_after_resume_is_the_replayed_schedulers(trained, tmp_path):
     """Resumed from an epoch-end checkpoint, ExactResume replays the plateau scheduler's skipped
     step before the first resumed epoch; LearningRateMonitor logs that epoch's LR after it."""
@@ -352,11 +367,27 @@ def test_fresh_run_in_a_folder_with_checkpoints_is_refused(trained, tmp_path):
     for name in ("best.ckpt", "last.ckpt"):
         shutil.copy(trained["run_dir"] / "checkpoints" / name, checkpoints / name)
     before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
-    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], ["logger=none"]))
-    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*best.ckpt, last.ckpt.*"
+    cfg = compose("train", run_overrides(tmp_path, tmp_path / "data", ["logger=none"]))
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints.*checkpoints: best.ckpt, last.ckpt\).*"
                                               r"auto_resume=true.*hydra.run.dir"):
         run.train(cfg)
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+    assert not (tmp_path / "data").exists()  # refused before preparing any data
+
+
+def test_slurm_checkpoint_of_another_run_in_the_folder_is_refused(trained, tmp_path, monkeypatch):
+    """Under Slurm, Lightning resumes a fresh run from the folder's hpc_ckpt_*.ckpt by itself: one
+    written by a run with other settings (stage 1, when stage 2 shares its job folder) is refused."""
+    run_dir = tmp_path / "outputs" / "run"
+    run_dir.mkdir(parents=True)
+    shutil.copy(trained["run_dir"] / "checkpoints" / "last.ckpt", run_dir / "hpc_ckpt_1.ckpt")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    same = OmegaConf.create(OmegaConf.to_container(trained["cfg"], resolve=True))
+    run.refuse_used_folder(run_dir, [run_dir / "checkpoints"], same)  # a requeue: Lightning resumes it
+    other = OmegaConf.merge(same, {"model": {"decoder_lr": 1e-4}})
+    with pytest.raises(ValueError, match=r"Lightning would resume this Slurm job from .*hpc_ckpt_1.ckpt.*"
+                                         r"model.decoder_lr: 0.001 there, 0.0001 here"):
+        run.refuse_used_folder(run_dir, [run_dir / "checkpoints"], other)
 
 
 def test_auto_resume_refuses_another_runs_checkpoint(trained, tmp_path):
@@ -372,7 +403,7 @@ def test_auto_resume_refuses_another_runs_checkpoint(trained, tmp_path):
         run.train(cfg)
     # The same settings: a requeued job continues itself.
     same = OmegaConf.to_container(trained["cfg"], resolve=True)
-    run.check_same_run(checkpoints / "last.ckpt", OmegaConf.create({**same, "auto_resume": True}))
+    run.check_same_run(checkpoints / "last.ckpt", OmegaConf.create({**same, "auto_resume": True}), "found")
 
 
 def test_nan_loss_stops_training_and_keeps_best_checkpoint(trained, tmp_path):

@@ -55,7 +55,9 @@ class CaptionDataModule(LightningDataModule):
         dataset: ``coco``, ``flickr8k``, ``flickr30k`` or ``shapes`` (built-in, synthetic).
         data_folder: where the prepared files go (``WORDMAP_{data_name}.json`` and so on).
         karpathy_json: the Karpathy-split JSON; for ``shapes`` it is generated on first use,
-            together with its images, into this file's folder.
+            together with its images, into this file's folder. None (with ``image_folder``):
+            no raw inputs, only the prepared files in ``data_folder`` (a converted tutorial
+            checkpoint's data, so its folder is never rebuilt).
         image_folder: root the JSON's ``filepath``/``filename`` entries are relative to.
         captions_per_image: caption rows per image in the prepared files (cpi).
         min_word_freq: words seen at least this often in train get an id (``>=``).
@@ -72,7 +74,9 @@ class CaptionDataModule(LightningDataModule):
         skip_bad_images: preprocessing skips unreadable images instead of failing.
         overwrite: rebuild the prepared files even if they are up to date. Once per instance:
             the first ``prepare_data`` rebuilds, later calls (``train.py`` calls it, then
-            Lightning's ``fit`` and ``test`` again) use the rebuilt files.
+            Lightning's ``fit`` and ``test`` again) use the rebuilt files. ``"stale"``: rebuild
+            only files made with other inputs or settings (``train.py``'s DDP ranks other
+            than 0 when ``overwrite`` is true).
         preprocess_workers: processes used to resize images while preprocessing.
         draft_min_ratio: preprocessing decodes JPEGs at 1/2..1/8 scale while that keeps at
             least ``draft_min_ratio * image_size`` pixels per side; None = full decode (see
@@ -84,13 +88,13 @@ class CaptionDataModule(LightningDataModule):
         bucket_pool_batches: batches per length-sorted pool when ``bucket_by_length``.
     """
 
-    def __init__(self, dataset: str, data_folder: str | os.PathLike, karpathy_json: str | os.PathLike,
-                 image_folder: str | os.PathLike, captions_per_image: int = 5, min_word_freq: int = 5,
+    def __init__(self, dataset: str, data_folder: str | os.PathLike, karpathy_json: str | os.PathLike | None,
+                 image_folder: str | os.PathLike | None, captions_per_image: int = 5, min_word_freq: int = 5,
                  max_len: int = 50, image_size: int = 256, batch_size: int = 32,
                  eval_batch_size: int | None = None, captions_per_sample: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True,
                  multiprocessing_context: str | None = None, skip_bad_images: bool = False,
-                 overwrite: bool = False, preprocess_workers: int | None = None,
+                 overwrite: bool | str = False, preprocess_workers: int | None = None,
                  draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO, seed: int = 123,
                  synthetic: Mapping[str, Any] | None = None, bucket_by_length: bool = False,
                  bucket_pool_batches: int = 50):
@@ -108,8 +112,11 @@ class CaptionDataModule(LightningDataModule):
             raise ValueError(f"data.synthetic is for dataset=shapes only, got dataset={dataset!r}")
         self.dataset = dataset
         self.data_folder = Path(data_folder)
-        self.karpathy_json = Path(karpathy_json)
-        self.image_folder = Path(image_folder)
+        if dataset == "shapes" and (karpathy_json is None or image_folder is None):
+            raise ValueError("data.karpathy_json and data.image_folder say where the shapes "
+                             "dataset is generated; they cannot be null")
+        self.karpathy_json = Path(karpathy_json) if karpathy_json is not None else None
+        self.image_folder = Path(image_folder) if image_folder is not None else None
         self.captions_per_image = int(captions_per_image)
         self.min_word_freq = int(min_word_freq)
         self.max_len = int(max_len)
@@ -122,7 +129,7 @@ class CaptionDataModule(LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.multiprocessing_context = multiprocessing_context
         self.skip_bad_images = bool(skip_bad_images)
-        self.overwrite = bool(overwrite)
+        self.overwrite = overwrite if overwrite == "stale" else bool(overwrite)
         self.preprocess_workers = preprocess_workers
         self.draft_min_ratio = draft_min_ratio
         self.seed = int(seed)
@@ -185,7 +192,8 @@ class CaptionDataModule(LightningDataModule):
             lines.append(f"prepared files {[str(p) for p in gone]}.")
         if self.dataset in SOURCES:
             what, subfolders = SOURCES[self.dataset]
-            folders = [str(self.image_folder / sub) for sub in subfolders] or [str(self.image_folder)]
+            root = self.image_folder or Path(f"data/{self.dataset}/images")
+            folders = [str(root / sub) for sub in subfolders] or [str(root)]
             lines.append(
                 f"To prepare it, put {what} at {self.karpathy_json} (data.karpathy_json) and the "
                 f"images in {folders} (data.image_folder={self.image_folder}), or point "
@@ -214,12 +222,13 @@ class CaptionDataModule(LightningDataModule):
             if Path(generated).resolve() != self.karpathy_json.resolve():
                 raise ValueError(f"generate_shapes wrote {generated}, but data.karpathy_json is "
                                  f"{self.karpathy_json}; set it to {generated}")
-        overwrite = self.overwrite and not self._overwritten
-        raw_present = self.karpathy_json.is_file() and self.image_folder.is_dir()
+        overwrite = False if self._overwritten else self.overwrite
+        raw_present = (self.karpathy_json is not None and self.image_folder is not None
+                       and self.karpathy_json.is_file() and self.image_folder.is_dir())
         if not raw_present:
             missing = [p for p in self.prepared_files() if not p.is_file()]
-            if missing or overwrite:
-                raw = [p for p in (self.karpathy_json, self.image_folder) if not p.exists()]
+            if missing or overwrite is True:
+                raw = [p for p in (self.karpathy_json, self.image_folder) if p is not None and not p.exists()]
                 raise FileNotFoundError(self._missing_message(raw + missing))
             log.info("Raw data for %s not found; using the prepared files in %s",
                      self.dataset, self.data_folder)

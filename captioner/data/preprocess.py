@@ -245,7 +245,7 @@ def create_input_files(dataset: str,
                        num_workers: int | None = None,
                        draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO,
                        skip_bad_images: bool = False,
-                       overwrite: bool = False,
+                       overwrite: bool | str = False,
                        seed: int = 123,
                        progress: bool = True) -> PreprocessResult:
     """Write the tutorial's input files (word map, per-split HDF5 + caption JSONs) once.
@@ -272,7 +272,9 @@ def create_input_files(dataset: str,
             :func:`captioner.data.images.load_image`); None decodes every image in full.
         skip_bad_images: drop unreadable images and images without a caption of at most
             ``max_len`` tokens (listed in the result and logged) instead of failing.
-        overwrite: rebuild even if outputs exist (with these or other settings).
+        overwrite: True: rebuild even if outputs exist (with these or other settings).
+            ``"stale"``: rebuild only outputs made from other inputs or settings; use
+            matching ones (what the other DDP ranks of a ``data.overwrite=true`` run do).
         seed: caption sampling seed (the tutorial's 123).
         progress: show a tqdm bar (images/s) per split.
 
@@ -288,6 +290,8 @@ def create_input_files(dataset: str,
             and its outputs are not complete, or ``overwrite`` asks for a rebuild. Complete
             outputs in a read-only folder are used as they are.
     """
+    if overwrite not in (True, False, "stale"):
+        raise ValueError(f"overwrite must be true, false or 'stale', got {overwrite!r}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(dataset)):
         raise ValueError(f"dataset name {dataset!r} must be letters, digits, '_', '-' or '.'")
     for arg, value in (("captions_per_image", captions_per_image), ("min_word_freq", min_word_freq),
@@ -317,7 +321,7 @@ def create_input_files(dataset: str,
             "image_folder": str(image_folder.resolve()),
             "karpathy_json_sha256": _sha256(json_file)})
         state, detail = _existing_state(paths, word_map_path, fingerprint)
-        if state == "complete" and not overwrite:
+        if state == "complete" and overwrite is not True:
             return _read_result(output_folder, name, paths, word_map_path, fingerprint)
         if lock_error is not None:  # unlocked: reading complete files is all we may do
             files = {"complete": "complete, but overwrite=True asks for a rebuild",
