@@ -84,6 +84,8 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
        ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
        ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
        ("torch.nn.parameter", "Parameter"),
+       # Forks of the tutorial that wrapped the models in nn.DataParallel before saving them.
+       ("torch.nn.parallel.data_parallel", "DataParallel"), ("torch", "device"),
        # nn.Module._backend of PyTorch 0.4 pickles (the tutorial's released checkpoint).
        ("torch.nn.backends.thnn", "_get_thnn_function_backend")])
 
@@ -158,13 +160,22 @@ def load_tutorial_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                              f"({type(e).__name__}: {e})") from e
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not the tutorial's checkpoint dict")
+    for key in ("encoder", "decoder"):
+        if isinstance(checkpoint.get(key), torch.nn.DataParallel):
+            checkpoint[key] = checkpoint[key].module
     for key, cls in (("encoder", TutorialEncoder), ("decoder", TutorialDecoder)):
         if not isinstance(checkpoint.get(key), cls):
             found = type(checkpoint.get(key)).__name__ if key in checkpoint else "nothing"
             raise ValueError(f"{path}: checkpoint[{key!r}] is {found}; a tutorial checkpoint holds "
                              f"the pickled models.{'Encoder' if key == 'encoder' else 'DecoderWithAttention'}"
-                             f" there (keys found: {sorted(checkpoint)})")
+                             f" there (keys found: {_some(sorted(map(str, checkpoint)))})")
     return checkpoint
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    """The first ``limit`` names, and how many more (a state dict has hundreds of keys)."""
+    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 # ----------------------------------------------------------------------------- detection

@@ -274,6 +274,31 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
     assert {f: f.stat().st_mtime_ns for f in prepared.iterdir()} == before
 
 
+def test_a_checkpoint_of_dataparallel_models_converts_like_the_plain_one(tutorial, converted, tmp_path):
+    """Forks of the tutorial saved nn.DataParallel-wrapped models (attributes as on a GPU): the
+    wrapped modules convert to the same checkpoint."""
+    checkpoint = {k: v for k, v in torch.load(tutorial["path"], weights_only=False).items()}
+    for key in ("encoder", "decoder"):
+        wrapped = torch.nn.DataParallel(checkpoint[key])
+        wrapped.device_ids, wrapped.output_device, wrapped.src_device_obj = [0], 0, torch.device("cuda", 0)
+        checkpoint[key] = wrapped
+    path = tmp_path / "dataparallel.pth.tar"
+    torch.save(checkpoint, path)
+    out = tmp_path / "dataparallel.ckpt"
+    assert main([str(path), str(tutorial["word_map_path"]), str(out), "--data-folder", str(tutorial["folder"]),
+                 "--image-size", str(IMAGE_SIZE)]) == 0
+    expected = torch.load(converted[0], weights_only=True)["state_dict"]
+    actual = torch.load(out, weights_only=True)["state_dict"]
+    assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_a_plain_state_dict_is_named_briefly(tmp_path):
+    path = tmp_path / "state_dict.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=r"keys found: .*, \.\.\. \d+ more\)$"):
+        load_tutorial_checkpoint(path)
+
+
 # ----------------------------------------------------------------------------- detection
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_detect_resnet_arch_from_the_trunk_state_dict(arch):
