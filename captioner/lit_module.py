@@ -139,6 +139,7 @@ class CaptioningModule(L.LightningModule):
         self.word_map = word_map
         self.run_config = run_config
         self.optimizer_factory = optimizer
+        self._validated_since_step = False
         if lr_patience < 1:
             raise ValueError(f"lr_patience must be >= 1, got {lr_patience}")
 
@@ -257,6 +258,7 @@ class CaptioningModule(L.LightningModule):
         self._eval_epoch_end("val")
         self._captions.reset()
         if not self.trainer.sanity_checking:
+            self._validated_since_step = True  # a fresh val/bleu4 for the plateau scheduler
             self._log_examples()
 
     def on_test_epoch_start(self) -> None:
@@ -312,16 +314,25 @@ class CaptioningModule(L.LightningModule):
         # reduction happen at the lr_patience-th bad validation, as in the tutorial.
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience - 1)
-        # Stepped at the epochs that validate (trainer.check_val_every_n_epoch, e.g. debug=overfit's
-        # 10): at the others val/bleu4 is missing, or stale from the last validation. Validation
-        # by steps (check_val_every_n_epoch=null) or none at all: every epoch end that has a
-        # val/bleu4 (the latest one), skipped with Lightning's warning before the first.
-        trainer = self._trainer
-        every = trainer.check_val_every_n_epoch if trainer is not None else 1
-        by_epochs = every is not None and (trainer is None or trainer.limit_val_batches != 0)
+        # Offered at the epochs that validate (trainer.check_val_every_n_epoch, e.g. debug=overfit's
+        # 10), else at every epoch end (validation by steps or time, or none), skipped with
+        # Lightning's warning while val/bleu4 is missing (strict=False); lr_scheduler_step takes
+        # only a val/bleu4 of a validation since the last step.
+        every = self._trainer.check_val_every_n_epoch if self._trainer is not None else None
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch",
-                                 "frequency": every if by_epochs else 1, "strict": by_epochs}}
+                                 "frequency": every or 1, "strict": False}}
+
+    def lr_scheduler_step(self, scheduler, metric: Any | None) -> None:
+        """Step the plateau scheduler only on a val/bleu4 of a validation since its last step: an
+        epoch end that repeats an older score is not another epoch without improvement."""
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if not self._validated_since_step:
+                return
+            self._validated_since_step = False
+            scheduler.step(metric)
+        else:
+            super().lr_scheduler_step(scheduler, metric)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -425,7 +425,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                          "(it records the data settings)")
     overrides = {k: v for k, v in (_plain(cfg.get("data")) or {}).items() if v is not None}
     # The training run's data.overwrite rebuilt its data once; scoring never rebuilds unless asked.
-    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), {"overwrite": False}, overrides)
+    fixed: dict[str, Any] = {"overwrite": False}
+    if trained_cfg.get("task_name") == "convert_tutorial":
+        # The tutorial's folder is used as it is (converters before a6f9d23 stored raw paths).
+        fixed.update(karpathy_json=None, image_folder=None)
+    data_cfg = OmegaConf.merge(OmegaConf.create(trained_cfg["data"]), fixed, overrides)
     datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
     datamodule.prepare_data()
     search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}

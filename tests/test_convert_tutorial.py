@@ -272,6 +272,13 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
     assert summary["num_images"] == 1
     assert summary["metrics"]["bleu4_nltk"] == pytest.approx(1.0)  # it reproduces its 7-word test caption
     assert {f: f.stat().st_mtime_ns for f in prepared.iterdir()} == before
+    # Converted before a6f9d23: the raw paths stored are the README's; evaluate ignores them.
+    old = torch.load(out, weights_only=True)
+    old["config"]["data"].update(karpathy_json="data/coco/dataset_coco.json", image_folder="data/coco/images")
+    torch.save(old, tmp_path / "old.ckpt")
+    cfg.ckpt_path = str(tmp_path / "old.ckpt")
+    assert evaluate(cfg)["metrics"] == summary["metrics"]
+    assert {f: f.stat().st_mtime_ns for f in prepared.iterdir()} == before
 
 
 def test_a_checkpoint_of_dataparallel_models_converts_like_the_plain_one(tutorial, converted, tmp_path):

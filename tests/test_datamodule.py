@@ -333,3 +333,14 @@ def test_stale_overwrite_keeps_matching_files_and_rebuilds_other_settings(tmp_pa
     with pytest.raises(ValueError, match="overwrite must be true, false or 'stale'"):
         pp.create_input_files("x", json_path, folder, 1, 1, tmp_path / "other", overwrite="yes")
 
+
+def test_null_raw_paths_use_prepared_files_and_say_so_when_missing(tmp_path):
+    """karpathy_json/image_folder null (a converted tutorial checkpoint's data): nothing is
+    prepared; missing prepared files are named, with data.data_folder as the fix."""
+    dm = make_dm(tmp_path, karpathy_json=None, image_folder=None)
+    with pytest.raises(FileNotFoundError, match=r"WORDMAP_.*are null, so only prepared files are used: "
+                                                r"point data.data_folder"):
+        dm.prepare_data()
+    with pytest.raises(ValueError, match="cannot be null"):
+        make_dm(tmp_path, dataset="shapes", karpathy_json=None, image_folder=None)
+

@@ -311,14 +311,22 @@ def test_validation_every_other_epoch_steps_the_lr_scheduler_at_validations(trai
     ["++trainer.limit_val_batches=0", "callbacks.early_stopping=null"]], ids=["by_steps", "none"])
 def test_validation_by_steps_or_none_does_not_stop_training(trained, tmp_path, validation):
     """Validation every 2 steps of 1-step epochs, or no validation (early stopping off): epochs
-    end without a val/bleu4 and the plateau scheduler skips them instead of stopping the run."""
-    seen = []
+    end without a val/bleu4 and the plateau scheduler skips them instead of stopping the run; an
+    epoch end that repeats the last validation's score is not counted again (by_steps: 2
+    validations, 2 scheduler steps in 4 epochs)."""
+    steps = []
+
+    def record(trainer, module):
+        steps.append(trainer.lr_scheduler_configs[0].scheduler.last_epoch)
+
     cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
-        "trainer.max_epochs=2", "test_after_fit=false", "logger=none", "++trainer.limit_train_batches=1",
+        "trainer.max_epochs=4", "test_after_fit=false", "logger=none", "++trainer.limit_train_batches=1",
         *validation]))
-    metrics, _ = train_with(cfg, [Probe("on_train_end", lambda t, m: seen.append(t.current_epoch)).callback])
-    assert seen == [2]  # both epochs ran
-    assert ("val/bleu4" in metrics) == (validation[0] != "++trainer.limit_val_batches=0")
+    metrics, _ = train_with(cfg, [Probe("on_train_epoch_start", record).callback,
+                                  Probe("on_train_end", record).callback])
+    by_steps = validation[0] != "++trainer.limit_val_batches=0"
+    assert ("val/bleu4" in metrics) == by_steps
+    assert steps == ([0, 0, 1, 1, 2] if by_steps else [0, 0, 0, 0, 0])
 
 
 def test_lr_logged_after_resume_is_the_replayed_schedulers(trained, tmp_path):

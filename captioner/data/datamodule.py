@@ -190,10 +190,13 @@ class CaptionDataModule(LightningDataModule):
                          f"in {self.data_folder}.")
         elif gone:
             lines.append(f"prepared files {[str(p) for p in gone]}.")
-        if self.dataset in SOURCES:
+        if self.karpathy_json is None or self.image_folder is None:
+            lines.append(f"data.karpathy_json/data.image_folder are null, so only prepared files are "
+                         f"used: point data.data_folder at the folder holding them (now "
+                         f"{self.data_folder}).")
+        elif self.dataset in SOURCES:
             what, subfolders = SOURCES[self.dataset]
-            root = self.image_folder or Path(f"data/{self.dataset}/images")
-            folders = [str(root / sub) for sub in subfolders] or [str(root)]
+            folders = [str(self.image_folder / sub) for sub in subfolders] or [str(self.image_folder)]
             lines.append(
                 f"To prepare it, put {what} at {self.karpathy_json} (data.karpathy_json) and the "
                 f"images in {folders} (data.image_folder={self.image_folder}), or point "
