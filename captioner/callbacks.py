@@ -22,9 +22,10 @@ class ImageRateProgressBar(TQDMProgressBar):
     Validation and test generate captions with free-running search, so their speed is the
     decoding speed users care about; batches/s alone hides the batch size.
 
-    Each refresh of Lightning's training bar reads the logged step metrics (``train/loss``) off
-    the device: a host-device synchronisation, and redrawing the bar costs the host too. A
-    training step on one GPU takes tens of milliseconds and is bound by the host (see
+    The training bar shows the step's loss (``train/loss``), read off the device when the bar
+    refreshes: a host-device synchronisation, and redrawing the bar costs the host too. (The
+    loss is not a Lightning progress-bar metric, which Lightning would read after every batch.)
+    A training step on one GPU takes tens of milliseconds and is bound by the host (see
     docs/performance.md), so refreshing after every step would stall it every step. With the
     interval the bar refreshes every few steps on a GPU and after every step on a CPU, whose
     steps take seconds; the last batch of an epoch always refreshes.
@@ -42,10 +43,23 @@ class ImageRateProgressBar(TQDMProgressBar):
             raise ValueError(f"min_refresh_interval={min_refresh_interval}; must be >= 0 seconds")
         self.min_refresh_interval = float(min_refresh_interval)
         self._last_train_refresh = float("-inf")
+        self._loss: torch.Tensor | None = None  # the latest step's, on its device
         self._images = 0
         self._started = time.perf_counter()
 
+    def get_metrics(self, trainer, pl_module) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._loss is not None:
+            metrics["train/loss"] = f"{float(self._loss):.3f}"  # waits for the step's loss
+        return metrics
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        self._loss = None
+        super().on_train_epoch_start(trainer, *args)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+            self._loss = outputs["loss"].detach()
         bar = self._train_progress_bar
         last = bar is not None and batch_idx + 1 == bar.total
         now = time.perf_counter()

@@ -197,8 +197,10 @@ class CaptioningModule(L.LightningModule):
         self._finite_loss.add(losses.loss, losses.cross_entropy, losses.attention_penalty,
                               self.current_epoch, self.global_step)
         # Step values under the plain keys; epoch means get their own keys (not Lightning's
-        # automatic _step/_epoch suffixes, so train/loss is what TensorBoard shows).
-        self.log("train/loss", losses.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=num_captions)
+        # automatic _step/_epoch suffixes, so train/loss is what TensorBoard shows). Not
+        # prog_bar: Lightning converts progress-bar values to Python numbers after every batch
+        # (a host-device sync); ImageRateProgressBar shows the loss when it refreshes instead.
+        self.log("train/loss", losses.loss, on_step=True, on_epoch=False, batch_size=num_captions)
         self.log("train/top5", top5, on_step=True, on_epoch=False, batch_size=num_captions)
         # The epoch means (Lightning's on_epoch=True weighted by batch_size, this rank's) are
         # summed here on the device and logged once per epoch: each self.log call costs the

@@ -164,6 +164,13 @@ def test_cuda_graph_encoder_replays_the_eager_features(float32_matmuls):
         assert graphed.encoder._graphs == {}
         torch.testing.assert_close(graphed.encode(second), eager.encode(second),
                                    atol=1e-5, rtol=1e-5)
+        # Frozen statistics edited in place: the folded copy is rebuilt and the graphs over it
+        # dropped, so replays see the edit.
+        for model in (eager, graphed):
+            model.encoder.resnet[1].running_var.mul_(4.0)
+        torch.testing.assert_close(graphed.encode(second), eager.encode(second),
+                                   atol=1e-5, rtol=1e-5)
+        assert len(graphed.encoder._graphs) == 1
     graphed.encoder.set_fine_tune(True, 2)
     graphed.encoder._graphs.clear()
     graphed.encode(first)
@@ -201,10 +208,11 @@ def test_bf16_autocast_stays_close_to_float32(float32_matmuls):
 
 def test_train_py_steps_do_not_wait_for_the_gpu(tmp_path):
     """Between an epoch's first and last batch, a train.py step (forward, loss, the non-finite
-    check, backward, clipping, Adam, logging, callbacks) makes no synchronising CUDA call, so
-    the host queues the next step while the GPU runs this one: a step on one GPU is bound by
-    the host. (The progress bar, which reads the loss at each refresh, refreshes only at the
-    epoch's first and last batch here.)"""
+    check, backward, clipping, Adam, logging, callbacks, Lightning's end-of-batch metric
+    handling and the next batch's transfer) makes no synchronising CUDA call, so the host
+    queues the next step while the GPU runs this one: a step on one GPU is bound by the host.
+    (The progress bar, which reads the loss at each refresh, refreshes only at the epoch's
+    first and last batch here.) Each window runs from a batch's start to the next one's."""
     from lightning.pytorch import Callback
     from test_run import train_with
 
@@ -212,11 +220,12 @@ def test_train_py_steps_do_not_wait_for_the_gpu(tmp_path):
 
     class NoSync(Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("default")  # the previous batch's window ends here
             if 0 < batch_idx < trainer.num_training_batches - 1:
                 checked.append(batch_idx)
                 torch.cuda.set_sync_debug_mode("error")
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        def on_train_epoch_end(self, trainer, module):
             torch.cuda.set_sync_debug_mode("default")
 
     cfg = compose("train", tiny_overrides(tmp_path, num_train=64) + [

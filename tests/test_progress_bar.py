@@ -34,3 +34,34 @@ def test_training_bar_refreshes_at_most_once_per_interval_and_at_the_last_batch(
 def test_negative_refresh_interval_is_refused():
     with pytest.raises(ValueError, match="min_refresh_interval"):
         ImageRateProgressBar(min_refresh_interval=-1)
+
+
+def test_training_bar_shows_the_loss_that_lightning_does_not_read_per_batch(tmp_path):
+    """train/loss is not a Lightning progress-bar metric (Lightning turns those into Python
+    numbers after every batch: a sync per step on a GPU); the bar shows the step's loss itself,
+    read when it refreshes."""
+    import torch
+
+    bar = ImageRateProgressBar(min_refresh_interval=0.0)
+    seen = []
+
+    class Model(BoringModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)["loss"]
+            self.log("train/loss", loss, on_step=True)  # as CaptioningModule logs it
+            return loss
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((dict(trainer.progress_bar_metrics), bar.train_progress_bar.postfix,
+                         float(outputs["loss"])))
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[bar, Probe()], default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(Model())
+    assert len(seen) == 3
+    for pbar_metrics, postfix, loss in seen:
+        assert "train/loss" not in pbar_metrics
+        assert f"train/loss={loss:.3f}" in postfix
+    assert isinstance(bar._loss, torch.Tensor) and not bar._loss.requires_grad

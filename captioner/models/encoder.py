@@ -322,6 +322,9 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"ImageEncoder expects images of shape (B, 3, S, S), "
                              f"got {tuple(images.shape)}")
         if self._graphable(images):
+            # The graphs read the folded copy's weights: rebuilding it after an in-place change
+            # of the frozen weights drops them (at the cost of the version check, ~47 us).
+            self._folded_stages(images)
             enabled, dtype = _autocast_state()
             # Inference mode too: a graph captured under it (Lightning's validation) owns
             # inference tensors, which a training step may not copy into.
