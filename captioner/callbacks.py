@@ -44,13 +44,14 @@ class ImageRateProgressBar(TQDMProgressBar):
         self.min_refresh_interval = float(min_refresh_interval)
         self._last_train_refresh = float("-inf")
         self._loss: torch.Tensor | None = None  # the latest step's, on its device
+        self._loss_scale = 1
         self._images = 0
         self._started = time.perf_counter()
 
     def get_metrics(self, trainer, pl_module) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
-        if self._loss is not None:
-            metrics["train/loss"] = f"{float(self._loss):.3f}"  # waits for the step's loss
+        if self._loss is not None:  # waits for the step's loss
+            metrics["train/loss"] = f"{float(self._loss) * self._loss_scale:.3f}"
         return metrics
 
     def on_train_epoch_start(self, trainer, *args) -> None:
@@ -59,7 +60,9 @@ class ImageRateProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+            # Lightning divides the returned loss by accumulate_grad_batches; the bar shows the step's.
             self._loss = outputs["loss"].detach()
+            self._loss_scale = trainer.accumulate_grad_batches
         bar = self._train_progress_bar
         last = bar is not None and batch_idx + 1 == bar.total
         now = time.perf_counter()

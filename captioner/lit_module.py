@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from captioner.callbacks import ImageRateProgressBar
 from captioner.losses import caption_loss
 from captioner.metrics import CaptionAccumulator, topk_accuracy
 from captioner.models import AttentionLSTMDecoder, Captioner, ImageEncoder
@@ -140,6 +141,7 @@ class CaptioningModule(L.LightningModule):
         self.run_config = run_config
         self.optimizer_factory = optimizer
         self._validated_since_step = False
+        self._loss_on_lightning_bar = True
         if lr_patience < 1:
             raise ValueError(f"lr_patience must be >= 1, got {lr_patience}")
 
@@ -198,9 +200,11 @@ class CaptioningModule(L.LightningModule):
                               self.current_epoch, self.global_step)
         # Step values under the plain keys; epoch means get their own keys (not Lightning's
         # automatic _step/_epoch suffixes, so train/loss is what TensorBoard shows). Not
-        # prog_bar: Lightning converts progress-bar values to Python numbers after every batch
-        # (a host-device sync); ImageRateProgressBar shows the loss when it refreshes instead.
-        self.log("train/loss", losses.loss, on_step=True, on_epoch=False, batch_size=num_captions)
+        # prog_bar with our bar: Lightning converts progress-bar values to Python numbers after
+        # every batch (a host-device sync); ImageRateProgressBar shows the loss when it
+        # refreshes instead. Lightning's own bar (callbacks=none) gets it the usual way.
+        self.log("train/loss", losses.loss, prog_bar=self._loss_on_lightning_bar, on_step=True,
+                 on_epoch=False, batch_size=num_captions)
         self.log("train/top5", top5, on_step=True, on_epoch=False, batch_size=num_captions)
         # The epoch means (Lightning's on_epoch=True weighted by batch_size, this rank's) are
         # summed here on the device and logged once per epoch: each self.log call costs the
@@ -212,6 +216,7 @@ class CaptioningModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._finite_loss.clear()
+        self._loss_on_lightning_bar = not isinstance(self.trainer.progress_bar_callback, ImageRateProgressBar)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums, self._epoch_rows = None, 0

@@ -36,10 +36,12 @@ def test_negative_refresh_interval_is_refused():
         ImageRateProgressBar(min_refresh_interval=-1)
 
 
-def test_training_bar_shows_the_loss_that_lightning_does_not_read_per_batch(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_bar_shows_the_loss_that_lightning_does_not_read_per_batch(tmp_path, accumulate):
     """train/loss is not a Lightning progress-bar metric (Lightning turns those into Python
     numbers after every batch: a sync per step on a GPU); the bar shows the step's loss itself,
-    read when it refreshes."""
+    read when it refreshes: the logged value, also when Lightning divides the returned loss by
+    accumulate_grad_batches."""
     import torch
 
     bar = ImageRateProgressBar(min_refresh_interval=0.0)
@@ -48,19 +50,20 @@ def test_training_bar_shows_the_loss_that_lightning_does_not_read_per_batch(tmp_
     class Model(BoringModel):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)["loss"]
-            self.log("train/loss", loss, on_step=True)  # as CaptioningModule logs it
+            self.log("train/loss", loss, on_step=True)  # as CaptioningModule logs it with this bar
             return loss
 
     class Probe(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((dict(trainer.progress_bar_metrics), bar.train_progress_bar.postfix,
-                         float(outputs["loss"])))
+                         float(trainer.callback_metrics["train/loss"])))
 
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[bar, Probe()], default_root_dir=tmp_path, accelerator="cpu")
+                        accumulate_grad_batches=accumulate, callbacks=[bar, Probe()],
+                        default_root_dir=tmp_path, accelerator="cpu")
     trainer.fit(Model())
-    assert len(seen) == 3
+    assert len(seen) == 4
     for pbar_metrics, postfix, loss in seen:
         assert "train/loss" not in pbar_metrics
         assert f"train/loss={loss:.3f}" in postfix

@@ -350,6 +350,23 @@ def test_lr_logged_after_resume_is_the_replayed_schedulers(trained, tmp_path):
     assert logged == [pytest.approx(lr * cfg.model.lr_factor)]
 
 
+def test_lightning_default_bar_still_shows_the_training_loss(trained, tmp_path):
+    """Without our bar (callbacks=none), train/loss is a Lightning progress-bar metric again."""
+    from lightning.pytorch import Callback
+
+    seen = []
+
+    class Seen(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.append("train/loss" in trainer.progress_bar_metrics)
+
+    cfg = compose("train", run_overrides(tmp_path, trained["data_dir"], [
+        "callbacks=none", "trainer.enable_progress_bar=true", "test_after_fit=false", "logger=none",
+        "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1"]))
+    train_with(cfg, [Seen()])
+    assert seen == [True, True]
+
+
 def test_resumed_run_stores_its_own_config(trained, tmp_path):
     """A run resumed with ckpt_path writes its own config into its checkpoints, not the config
     of the run that wrote the checkpoint it resumed."""
