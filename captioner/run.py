@@ -110,9 +110,9 @@ def refuse_used_folder(run_dir: Path, checkpoint_dirs: list[Path], cfg: DictConf
     the folder. Lightning's own Slurm checkpoint (``hpc_ckpt_*.ckpt``), which Lightning resumes
     by itself under Slurm, must come from a run with these settings (:func:`check_same_run`).
     """
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-    if os.environ.get("SLURM_JOB_ID") and hpc:
-        check_same_run(hpc[-1], cfg, "Lightning would resume this Slurm job from")
+    hpc = max(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime_ns, default=None)
+    if os.environ.get("SLURM_JOB_ID") and hpc is not None:
+        check_same_run(hpc, cfg, "Lightning would resume this Slurm job from")
         return  # a requeued job: Lightning resumes it
     folders = list(dict.fromkeys(Path(d).resolve() for d in checkpoint_dirs))
     found = sorted(p for d in folders for p in d.glob("*.ckpt"))
@@ -139,7 +139,7 @@ def check_same_run(ckpt_path: str | os.PathLike, cfg: DictConfig, found_by: str)
     recipe after stage 1) would otherwise resume the wrong model and fail later with an
     optimiser-state mismatch, or not fail at all.
     """
-    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
+    stored = load_checkpoint(ckpt_path, mmap=True).get("config") or {}
     current = _plain(cfg)
     diffs = []
     for key in (k for k in SAME_RUN_KEYS if k in stored):  # a converted tutorial checkpoint has data only
@@ -162,12 +162,13 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A captioner checkpoint as a dict, loaded with ``weights_only=True`` (no code runs)."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """A captioner checkpoint as a dict, loaded with ``weights_only=True`` (no code runs);
+    ``mmap`` maps the tensors instead of reading them (for a look at the config only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 # ---------------------------------------------------------------------- building

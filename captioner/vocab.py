@@ -62,8 +62,9 @@ class WordMap:
         ``min_word_freq``; ours uses ``>=``, so our ``min_word_freq=6`` is the threshold of
         the tutorial's ``min_word_freq=5`` (preprocessing passes train captions only, where the
         tutorial counted every split). Words are ordered by frequency (descending), then
-        alphabetically, so the result does not depend on caption order (the tutorial's follows it). Ids: words
-        ``1..n``, then ``<unk>``, ``<start>``, ``<end>`` as in the tutorial, ``<pad>`` = 0.
+        alphabetically, so the result does not depend on caption order (the tutorial's follows
+        it). Ids: words ``1..n``, then ``<unk>``, ``<start>``, ``<end>`` as in the tutorial,
+        ``<pad>`` = 0.
         """
         if min_word_freq < 1:
             raise ValueError(f"min_word_freq must be >= 1, got {min_word_freq}")
