@@ -52,7 +52,7 @@ except ImportError:  # run as a script: python benchmarks/run.py
     import tutorial_reference as tut  # type: ignore[no-redef]
 
 from captioner.losses import caption_loss
-from captioner.vocab import write_json_atomic
+from captioner.files import write_json_atomic
 
 GROUPS = ("preprocess", "loader", "train", "decode")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO, IMAGE_ERRORS, load_image
 from captioner.models import Captioner
-from captioner.vocab import END, WordMap, write_json_atomic
+from captioner.files import write_json_atomic
+from captioner.vocab import END, WordMap
 
 
 @dataclass

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captioner.vocab import WordMap, atomic_write
+from captioner.files import atomic_write
+from captioner.vocab import WordMap
 
 # ----------------------------------------------------------------------------- stand-ins
 
@@ -354,7 +355,7 @@ def _plain_number(value: Any) -> int | float | None:
 
 
 def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` with :func:`~captioner.vocab.atomic_write`: a temp file beside ``path``,
+    """``torch.save`` with :func:`~captioner.files.atomic_write`: a temp file beside ``path``,
     on disk before it is renamed over it."""
     with atomic_write(path, "wb") as f:
         torch.save(checkpoint, f)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from captioner.allocator import keep_freed_memory
 from captioner.callbacks import ExactResume, ImageRateProgressBar
 from captioner.lit_module import CaptioningModule
-from captioner.vocab import WordMap, write_json_atomic
+from captioner.files import write_json_atomic
+from captioner.vocab import WordMap
 
 log = logging.getLogger(__name__)
 

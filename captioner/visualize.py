@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from captioner.vocab import atomic_write
+from captioner.files import atomic_write
 
 START_WORD = "<start>"
 END_WORD = "<end>"

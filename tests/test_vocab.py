@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from captioner.vocab import END, PAD, START, UNK, WordMap, atomic_write, write_json_atomic
+from captioner.files import atomic_write, write_json_atomic
+from captioner.vocab import END, PAD, START, UNK, WordMap
 
 CAPTIONS = [["a", "dog", "runs"], ["a", "cat", "sits"], ["a", "dog", "sits"], ["zebra"]]
 

@@ -52,7 +52,8 @@ import h5py
 from captioner.data.images import (CHUNKSIZE, DEFAULT_DRAFT_MIN_RATIO, ImageWriter,
                                    check_draft_min_ratio)
 from captioner.data.karpathy import SPLITS, KarpathyImage, build_word_map, iter_karpathy
-from captioner.vocab import WordMap, new_file_mode, replace_durably, write_json_atomic
+from captioner.files import new_file_mode, replace_durably, write_json_atomic
+from captioner.vocab import WordMap
 
 log = logging.getLogger(__name__)
 

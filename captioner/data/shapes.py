@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from captioner.data.preprocess import exclusive_lock
-from captioner.vocab import write_json_atomic
+from captioner.files import write_json_atomic
 
 GENERATOR_VERSION = 1
 JSON_NAME = "dataset_shapes.json"
