@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-try:
-    from benchmarks import run as bench
-except ImportError:  # run as a script: python benchmarks/calls.py
-    import run as bench  # type: ignore[no-redef]
-
+from benchmarks.models import build_ours
+from benchmarks.sizes import FULL
+from benchmarks.synthetic import special_ids, synthetic_batch
+from benchmarks.timing import autocast, setup_device
 import captioner.models.decoder as decoder_module
 from captioner.losses import caption_loss
 
@@ -100,19 +99,19 @@ def cuda_lstm_path():
 def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: bool,
           steps: int, seed: int = 0) -> dict:
     """Counts over ``steps`` training steps after two uncounted ones."""
-    sizes = dataclasses.replace(bench.FULL, image_size=64)
-    bench.setup_device(device)
+    sizes = dataclasses.replace(FULL, image_size=64)
+    setup_device(device)
     torch.manual_seed(seed)
-    module, optimizer = bench.build_ours(sizes, device, fine_tune, cuda_graph=cuda_graph)
+    module, optimizer = build_ours(sizes, device, fine_tune, cuda_graph=cuda_graph)
     params = [p for p in module.parameters() if p.requires_grad]
     if device.type != "cuda":  # Adam's default on CUDA: multi-tensor (foreach) kernels
         for group in optimizer.param_groups:
             group["foreach"] = True
-    ids = bench.special_ids(sizes)
+    ids = special_ids(sizes)
     rng = np.random.default_rng(seed)
 
     def make_batch() -> dict:
-        return bench.synthetic_batch(rng, sizes, ids, pool=8 if bucketed else 1)
+        return synthetic_batch(rng, sizes, ids, pool=8 if bucketed else 1)
 
     def step(batch: dict, mode: CallCount | None) -> None:
         def enter(phase: str) -> None:
@@ -128,7 +127,7 @@ def count(device: torch.device, fine_tune: bool, cuda_graph: bool, bucketed: boo
                        module.captioner.encoder.register_forward_hook(
                            lambda *_: enter("decoder + loss"))]
             try:
-                with bench.autocast(device):
+                with autocast(device):
                     out = module.captioner(batch["images"], batch["captions"], batch["lengths"])
                     loss = caption_loss(out.logits.float(), out.targets, out.mask,
                                         out.alphas.float()).loss
