@@ -2,8 +2,8 @@
 # One-shot GPU benchmark (the prepared device check). Assumes the package is pip-installed
 # (pip install -e .) and a CUDA GPU is visible. Writes the JSON and the log to $OUT when set,
 # else to benchmarks/results/. Full sizes, 3 repeats. Each training row starts its own interpreter;
-# the loader rows run 260 steps each: `--only loader,train` at 5 repeats took 7 minutes on one H100
-# (docs/performance.md, run 3). The peak-RSS rows write ~4 GiB of HDF5 under the temp folder,
+# the loader rows run 260 steps each: `--only loader,train` at 5 repeats took 7 minutes on one H100.
+# The peak-RSS rows write ~4 GiB of HDF5 under the temp folder,
 # removed as they go. Skip the preprocessing rows with: bash benchmarks/gpu.sh --only loader,train,decode
 # A subset of the training rows: bash benchmarks/gpu.sh --only train --train-rows 'loader:frozen:bucketed'
 # Usage: bash benchmarks/gpu.sh [extra args for python -m benchmarks]
