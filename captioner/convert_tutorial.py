@@ -27,6 +27,7 @@ import argparse
 import os
 import pickle
 import re
+import shlex
 import sys
 import types
 import warnings
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captioner.data.datamodule import DATASETS
 from captioner.files import atomic_write
 from captioner.vocab import WordMap
 
@@ -387,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-folder", default="data/coco/prepared",
                         help="folder with the tutorial's prepared HDF5/JSON files (stored as data.data_folder; "
                              "evaluate.py also takes ++data.data_folder=... later)")
-    parser.add_argument("--dataset", default="coco", help="dataset name in the file names (coco, flickr8k, flickr30k)")
+    parser.add_argument("--dataset", default="coco", choices=DATASETS,
+                        help="dataset name in the prepared files' names (default coco)")
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--min-word-freq", type=int, default=5,
                         help="the number in the tutorial's file names (default 5)")
@@ -405,8 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Wrote {args.output}: {hp['encoder']['arch']} encoder ({hp['encoder']['encoded_image_size']}^2 regions), "
           f"decoder {hp['decoder']}, vocabulary {hp['vocab_size']}, tutorial epoch "
           f"{checkpoint['tutorial']['epoch']}, BLEU-4 {checkpoint['tutorial']['bleu4']}")
-    print(f"Evaluate: python evaluate.py ckpt_path={args.output} ++data.data_folder={args.data_folder}\n"
-          f"Caption:  python -m captioner.caption ckpt_path={args.output} image=path/to/images")
+    out, folder = shlex.quote(f"ckpt_path={args.output}"), shlex.quote(f"++data.data_folder={args.data_folder}")
+    print(f"Evaluate: python evaluate.py {out} {folder}\n"
+          f"Caption:  python -m captioner.caption {out} image=path/to/images")
     return 0
 
 

@@ -353,6 +353,10 @@ def test_null_raw_paths_use_prepared_files_and_say_so_when_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"WORDMAP_.*are null, so only prepared files are used: "
                                                 r"point data.data_folder"):
         dm.prepare_data()
-    with pytest.raises(ValueError, match="cannot be null"):
-        make_dm(tmp_path, dataset="shapes", karpathy_json=None, image_folder=None)
+    with pytest.raises(ValueError, match="set both, or both to null"):
+        make_dm(tmp_path, dataset="shapes", karpathy_json=None)
+    shapes = make_dm(tmp_path, dataset="shapes", karpathy_json=None, image_folder=None)
+    with pytest.raises(FileNotFoundError, match=r"WORDMAP_shapes_3_cap.*are null, so only prepared"):
+        shapes.prepare_data()  # nothing generated
+    assert not (tmp_path / "dataset_shapes.json").exists() and not (tmp_path / "prepared").exists()
 

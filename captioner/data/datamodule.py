@@ -60,7 +60,7 @@ class CaptionDataModule(LightningDataModule):
         karpathy_json: the Karpathy-split JSON; for ``shapes`` it is generated on first use,
             together with its images, into this file's folder. None (with ``image_folder``):
             no raw inputs, only the prepared files in ``data_folder`` (a converted tutorial
-            checkpoint's data, so its folder is never rebuilt).
+            checkpoint's data, so its folder is never rebuilt), for every dataset.
         image_folder: root the JSON's ``filepath``/``filename`` entries are relative to.
         captions_per_image: caption rows per image in the prepared files (cpi).
         min_word_freq: words seen at least this often in train get an id (``>=``).
@@ -115,9 +115,10 @@ class CaptionDataModule(LightningDataModule):
             raise ValueError(f"data.synthetic is for dataset=shapes only, got dataset={dataset!r}")
         self.dataset = dataset
         self.data_folder = Path(data_folder)
-        if dataset == "shapes" and (karpathy_json is None or image_folder is None):
+        if dataset == "shapes" and (karpathy_json is None) != (image_folder is None):
             raise ValueError("data.karpathy_json and data.image_folder say where the shapes "
-                             "dataset is generated; they cannot be null")
+                             "dataset is generated: set both, or both to null to use only the "
+                             "prepared files in data.data_folder")
         self.karpathy_json = Path(karpathy_json) if karpathy_json is not None else None
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.captions_per_image = int(captions_per_image)
@@ -221,7 +222,7 @@ class CaptionDataModule(LightningDataModule):
             FileNotFoundError: neither the raw inputs nor the prepared files exist; the message
                 names the expected paths.
         """
-        if self.dataset == "shapes":
+        if self.dataset == "shapes" and self.karpathy_json is not None:
             from captioner.data.shapes import generate_shapes
 
             generated = generate_shapes(self.karpathy_json.parent, **(self.synthetic or {}))
