@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from captioner.data.datamodule import DATASETS
-from captioner.files import atomic_write
+from captioner.checkpoints import save_checkpoint
 from captioner.vocab import WordMap
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -356,13 +356,6 @@ def _plain_number(value: Any) -> int | float | None:
     return value
 
 
-def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` with :func:`~captioner.files.atomic_write`: a temp file beside ``path``,
-    on disk before it is renamed over it."""
-    with atomic_write(path, "wb") as f:
-        torch.save(checkpoint, f)
-
-
 def convert(tutorial_checkpoint: str | os.PathLike, word_map_path: str | os.PathLike,
             output: str | os.PathLike, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load, convert, check and write; returns the written checkpoint dict.
@@ -373,7 +366,7 @@ def convert(tutorial_checkpoint: str | os.PathLike, word_map_path: str | os.Path
     tutorial = load_tutorial_checkpoint(tutorial_checkpoint)
     checkpoint = convert_tutorial_checkpoint(tutorial, word_map, data or tutorial_data_config("data/coco/prepared"),
                                              source=str(tutorial_checkpoint))
-    save_checkpoint_atomic(checkpoint, output)
+    save_checkpoint(checkpoint, output)  # atomic: a temp file beside it, on disk, renamed over it
     torch.load(output, map_location="cpu", weights_only=True)
     return checkpoint
 
