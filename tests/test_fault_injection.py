@@ -58,11 +58,11 @@ class KillAt(L.Callback):
     ``epoch``, cut after ``fraction`` of its bytes). Appends the point to ``log`` first."""
 
     def __init__(self, epoch: int, what: str, index: int, fraction: float, log: str):
-        self.epoch, self.what, self.index, self.fraction, self.log = int(epoch), what, int(index), fraction, log
+        self.epoch, self.what, self.index, self.fraction, self.kill_log = int(epoch), what, int(index), fraction, log
         self._trainer = None
 
     def _die(self) -> None:
-        with open(self.log, "a") as f:
+        with open(self.kill_log, "a") as f:
             f.write(json.dumps([self.epoch, self.what, self.index, self.fraction]) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -161,4 +161,4 @@ def test_killed_at_random_points_and_restarted_ends_like_an_uninterrupted_run(tm
     _assert_same_state(expected, _load(newest))
     if _load(final)["epoch"] == EPOCHS - 1:
         _assert_same_state(expected, _load(final))
-    print(f"\n{len(points)} kill points, {len(points)} restarts: " + "; ".join(restarts))
+    print(f"\n{len(points)} kill points, {len(restarts)} restarts: " + "; ".join(r.replace(str(run_dir) + "/", "") for r in restarts))
