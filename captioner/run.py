@@ -318,8 +318,8 @@ def resume_from(cfg: DictConfig, run_dir: Path, checkpoint_dirs: list[Path]) -> 
     """
     ckpt_path = cfg.get("ckpt_path")
     rank_zero = rank_zero_only.rank == 0
-    if ckpt_path is not None:  # refused in one line naming the file, before any data is prepared
-        load_checkpoint(ckpt_path, mmap=True, required=RESUME_KEYS)
+    if ckpt_path is not None and not _lightning_ckpt_name(ckpt_path):
+        load_checkpoint(ckpt_path, mmap=True, required=RESUME_KEYS)  # refused in one line naming the file
     if ckpt_path is None and cfg.get("auto_resume"):
         found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
                                        cfg.paths.output_root, cfg.task_name)
@@ -340,6 +340,12 @@ def resume_from(cfg: DictConfig, run_dir: Path, checkpoint_dirs: list[Path]) -> 
                     "afresh here. To keep the best checkpoint and score, resume in the same folder: "
                     "hydra.run.dir=<that run folder>", ckpt_path, run_dir)
     return ckpt_path
+
+
+def _lightning_ckpt_name(ckpt_path: str | os.PathLike) -> bool:
+    """A ``ckpt_path`` Lightning resolves itself: ``last``/``best``/``hpc``, a registry name, a URL."""
+    text = str(ckpt_path)
+    return text in ("last", "best", "hpc") or text.startswith("registry") or "://" in text
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -233,6 +233,9 @@ def test_resume_refuses_an_unreadable_ckpt_path_before_preparing_data(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^checkpoint {ckpt} is not a whole torch checkpoint"):
         run.train(cfg)
     assert not (tmp_path / "data").exists()
+    # Names Lightning resolves itself are left to it.
+    assert all(map(run._lightning_ckpt_name, ["last", "best", "hpc", "registry:me/model", "s3://b/x.ckpt"]))
+    assert not run._lightning_ckpt_name(ckpt)
 
 
 def test_ckpt_path_and_init_from_are_exclusive(tmp_path):
