@@ -263,6 +263,7 @@ def caption(cfg: DictConfig) -> int:
     Returns:
         The number of inputs that failed (0 = all captioned).
     """
+    from captioner.checkpoints import MODEL_KEYS, load_checkpoint
     from captioner.lit_module import CaptioningModule
     from captioner.run import output_dir, resolve_checkpoint
 
@@ -271,6 +272,7 @@ def caption(cfg: DictConfig) -> int:
     ckpt_path = resolve_checkpoint(cfg)
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass ckpt_path=path/to/model.ckpt")
+    load_checkpoint(ckpt_path, mmap=True, required=MODEL_KEYS)  # CheckpointError naming an unreadable file
     device = _device(cfg.get("device", "auto"))
     model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
     data_cfg = (model.run_config or {}).get("data") or {}
@@ -323,8 +325,15 @@ def caption(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="caption")
 def main(cfg: DictConfig) -> None:
-    """``python -m captioner.caption image=...``; exits with 1 if any input failed."""
-    if caption(cfg):
+    """``python -m captioner.caption image=...``; exits with 1 if any input failed or the
+    checkpoint is unreadable (one line naming it)."""
+    from captioner.checkpoints import CheckpointError
+
+    try:
+        failures = caption(cfg)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if failures:
         sys.exit(1)
 
 

@@ -27,6 +27,7 @@ import argparse
 import os
 import pickle
 import re
+import shlex
 import sys
 import types
 import warnings
@@ -37,7 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captioner.files import atomic_write
+from captioner.data.datamodule import DATASETS
+from captioner.checkpoints import save_checkpoint
 from captioner.vocab import WordMap
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -354,13 +356,6 @@ def _plain_number(value: Any) -> int | float | None:
     return value
 
 
-def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` with :func:`~captioner.files.atomic_write`: a temp file beside ``path``,
-    on disk before it is renamed over it."""
-    with atomic_write(path, "wb") as f:
-        torch.save(checkpoint, f)
-
-
 def convert(tutorial_checkpoint: str | os.PathLike, word_map_path: str | os.PathLike,
             output: str | os.PathLike, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load, convert, check and write; returns the written checkpoint dict.
@@ -371,7 +366,7 @@ def convert(tutorial_checkpoint: str | os.PathLike, word_map_path: str | os.Path
     tutorial = load_tutorial_checkpoint(tutorial_checkpoint)
     checkpoint = convert_tutorial_checkpoint(tutorial, word_map, data or tutorial_data_config("data/coco/prepared"),
                                              source=str(tutorial_checkpoint))
-    save_checkpoint_atomic(checkpoint, output)
+    save_checkpoint(checkpoint, output)  # atomic: a temp file beside it, on disk, renamed over it
     torch.load(output, map_location="cpu", weights_only=True)
     return checkpoint
 
@@ -387,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-folder", default="data/coco/prepared",
                         help="folder with the tutorial's prepared HDF5/JSON files (stored as data.data_folder; "
                              "evaluate.py also takes ++data.data_folder=... later)")
-    parser.add_argument("--dataset", default="coco", help="dataset name in the file names (coco, flickr8k, flickr30k)")
+    parser.add_argument("--dataset", default="coco", choices=DATASETS,
+                        help="dataset name in the prepared files' names (default coco)")
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--min-word-freq", type=int, default=5,
                         help="the number in the tutorial's file names (default 5)")
@@ -405,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Wrote {args.output}: {hp['encoder']['arch']} encoder ({hp['encoder']['encoded_image_size']}^2 regions), "
           f"decoder {hp['decoder']}, vocabulary {hp['vocab_size']}, tutorial epoch "
           f"{checkpoint['tutorial']['epoch']}, BLEU-4 {checkpoint['tutorial']['bleu4']}")
-    print(f"Evaluate: python evaluate.py ckpt_path={args.output} ++data.data_folder={args.data_folder}\n"
-          f"Caption:  python -m captioner.caption ckpt_path={args.output} image=path/to/images")
+    out, folder = shlex.quote(f"ckpt_path={args.output}"), shlex.quote(f"++data.data_folder={args.data_folder}")
+    print(f"Evaluate: python evaluate.py {out} {folder}\n"
+          f"Caption:  python -m captioner.caption {out} image=path/to/images")
     return 0
 
 

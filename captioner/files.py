@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+TEMP_SUFFIX = ".tmp"
+
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as JSON with :func:`atomic_write`."""
@@ -30,7 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     when the block raises, so ``path`` holds the old content or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -61,6 +63,12 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temp_files(folder: str | os.PathLike, name_pattern: str = "*") -> list[Path]:
+    """The temp files :func:`atomic_write` left in ``folder`` when its process was killed
+    mid-write, for targets whose names match the glob ``name_pattern``."""
+    return sorted(Path(folder).glob(f".{name_pattern}.*{TEMP_SUFFIX}"))
 
 
 def new_file_mode() -> int:

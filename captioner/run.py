@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from captioner.allocator import keep_freed_memory
 from captioner.callbacks import ExactResume, ImageRateProgressBar
+from captioner.checkpoints import (MODEL_KEYS, RESUME_KEYS, AtomicCheckpointIO, CheckpointError,
+                                   check_checkpoint, load_checkpoint, remove_partial_files)
 from captioner.lit_module import CaptioningModule
 from captioner.files import write_json_atomic
 from captioner.vocab import WordMap
@@ -61,10 +63,11 @@ def latest_run(output_root: str | os.PathLike, task_name: str = "train") -> Path
     return link.resolve()
 
 
-def find_last_checkpoint(output_root: str | os.PathLike, task_name: str = "train") -> Path | None:
-    """The newest ``checkpoints/last.ckpt`` of any run of ``task_name`` (``auto_resume=newest``)."""
-    candidates = list((Path(output_root) / task_name).glob("*/checkpoints/last.ckpt"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+def run_checkpoints(output_root: str | os.PathLike, task_name: str = "train") -> list[Path]:
+    """Every run's ``checkpoints/last.ckpt`` under ``output_root/task_name``, newest first
+    (``auto_resume=newest``)."""
+    candidates = (Path(output_root) / task_name).glob("*/checkpoints/last.ckpt")
+    return sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
 AUTO_RESUME_MODES = ("false", "true", "newest")
@@ -75,6 +78,10 @@ def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
                            task_name: str = "train") -> Path | None:
     """The checkpoint ``auto_resume`` resumes from, or None to start fresh.
 
+    Each candidate, newest first, is checked (:func:`~captioner.checkpoints.check_checkpoint`:
+    a whole torch checkpoint with the training state); an unreadable one, say cut short by a
+    kill, is skipped with a warning naming it and the reason.
+
     Args:
         mode: ``false``/None: never. ``true``: only the current run folder, so a requeued Slurm job
             (whose folder is named by ``SLURM_JOB_ID``) or a rerun with the same ``hydra.run.dir``
@@ -82,11 +89,17 @@ def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
             current run folder first, else the newest ``checkpoints/last.ckpt`` of any run of
             ``task_name`` under ``output_root`` (only for an output root that holds one experiment).
         run_dir: the current run folder; its Lightning ``hpc_ckpt_*.ckpt`` files count too.
-        checkpoint_dirs: the ``dirpath`` of every ModelCheckpoint; their ``last.ckpt`` counts.
+        checkpoint_dirs: the ``dirpath`` of every ModelCheckpoint; their ``*.ckpt`` files count:
+            ``last.ckpt``, and ``best.ckpt``, which is the newer one only when a kill came between
+            the two writes at an epoch's end (both hold the full training state of that epoch).
         output_root, task_name: where ``"newest"`` looks (``output_root/task_name/*``).
 
     Returns:
-        The newest (by modification time) candidate of the current run, else the fallback.
+        The newest (by modification time) intact candidate of the current run, else of the
+        other runs (``newest``); None when there is no candidate at all.
+
+    Raises:
+        CheckpointError: there were candidates and none is intact; the message lists them.
     """
     key = str(mode).lower() if mode is not None else "false"
     if key not in AUTO_RESUME_MODES:
@@ -95,11 +108,25 @@ def auto_resume_checkpoint(mode: bool | str | None, run_dir: str | os.PathLike,
     if key == "false":
         return None
     run_dir = Path(run_dir)
-    candidates = [Path(d) / "last.ckpt" for d in checkpoint_dirs] + list(run_dir.glob("hpc_ckpt_*.ckpt"))
-    candidates = [p for p in candidates if p.is_file()]
-    if candidates:
-        return max(candidates, key=lambda p: p.stat().st_mtime_ns)
-    return find_last_checkpoint(output_root, task_name) if key == "newest" else None
+    own = [p for d in checkpoint_dirs for p in Path(d).glob("*.ckpt")] + list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    own = sorted({p for p in own if p.is_file()}, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    candidates = own
+    if key == "newest":
+        mine = {p.resolve() for p in own}
+        candidates = own + [p for p in run_checkpoints(output_root, task_name) if p.resolve() not in mine]
+    problems = []
+    for path in candidates:
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("auto_resume=%s: skipping %s", mode, problem)
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(
+            f"auto_resume={mode}: none of the {len(problems)} checkpoint(s) it found can be resumed: "
+            + "; ".join(problems) + ". Resume another checkpoint with ckpt_path=..., or move these "
+            "files away to start afresh.")
+    return None
 
 
 def refuse_used_folder(run_dir: Path, checkpoint_dirs: list[Path], cfg: DictConfig) -> None:
@@ -163,15 +190,6 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """A captioner checkpoint as a dict, loaded with ``weights_only=True`` (no code runs);
-    ``mmap`` maps the tensors instead of reading them (for a look at the config only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
 # ---------------------------------------------------------------------- building
 def _plain(cfg: DictConfig | None) -> Any:
     return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
@@ -185,6 +203,17 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if not cfg.trainer.get("enable_progress_bar", True):  # the Trainer refuses a bar it may not show
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     return callbacks
+
+
+def build_plugins(cfg: DictConfig) -> list:
+    """``trainer.plugins``, plus :class:`~captioner.checkpoints.AtomicCheckpointIO` unless they
+    name a checkpoint IO of their own: every checkpoint is written atomically."""
+    configured = cfg.trainer.get("plugins")
+    plugins = [] if configured is None else instantiate(configured, _convert_="all")
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def build_loggers(cfg: DictConfig) -> list | bool:
@@ -283,10 +312,14 @@ def resume_from(cfg: DictConfig, run_dir: Path, checkpoint_dirs: list[Path]) -> 
 
     Raises:
         FileExistsError: a fresh run in a folder holding another run's checkpoints.
+        CheckpointError: ``ckpt_path`` is unreadable or holds no training state, or every
+            checkpoint ``auto_resume`` found is.
         ValueError: ``auto_resume`` found a checkpoint of a run with other settings.
     """
     ckpt_path = cfg.get("ckpt_path")
     rank_zero = rank_zero_only.rank == 0
+    if ckpt_path is not None and not _lightning_ckpt_name(ckpt_path):
+        load_checkpoint(ckpt_path, mmap=True, required=RESUME_KEYS)  # refused in one line naming the file
     if ckpt_path is None and cfg.get("auto_resume"):
         found = auto_resume_checkpoint(cfg.auto_resume, run_dir, checkpoint_dirs,
                                        cfg.paths.output_root, cfg.task_name)
@@ -309,6 +342,12 @@ def resume_from(cfg: DictConfig, run_dir: Path, checkpoint_dirs: list[Path]) -> 
     return ckpt_path
 
 
+def _lightning_ckpt_name(ckpt_path: str | os.PathLike) -> bool:
+    """A ``ckpt_path`` Lightning resolves itself: ``last``/``best``/``hpc``, a registry name, a URL."""
+    text = str(ckpt_path)
+    return text in ("last", "best", "hpc") or text.startswith("registry") or "://" in text
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Prepare data, fit, and (``test_after_fit``) test the best checkpoint. Returns the metrics."""
     if cfg.get("init_from_required") and not cfg.get("init_from"):
@@ -322,6 +361,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     # Which checkpoint this run resumes, checked before the data is prepared (it may be refused).
     checkpoint_dirs = [Path(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    if rank_zero_only.rank == 0:  # before the other ranks start; hpc_ckpt_* go to the run folder
+        remove_partial_files([*checkpoint_dirs, run_dir])
     ckpt_path = resume_from(cfg, run_dir, checkpoint_dirs)
 
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -341,7 +382,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     callbacks.insert(0, ExactResume(cfg.seed))  # first: its resume-time LR step precedes the LR monitor
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=build_plugins(cfg))
     configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)
     batch = batch_summary(trainer, datamodule)
     log_batch_summary(batch, model)
@@ -419,7 +460,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg)
     print(f"Evaluating {ckpt_path} on the {split} split with beam size {cfg.beam}")
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_checkpoint(ckpt_path, required=MODEL_KEYS)
     trained_cfg = checkpoint.get("config") or {}
     if "data" not in trained_cfg:
         raise ValueError(f"{ckpt_path} stores no data config, so it was not written by train.py; "

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import json
 import os
 import pickle
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,11 +24,13 @@ import torchvision
 
 from captioner.convert_tutorial import (UnsafeCheckpointError, convert, detect_resnet_arch,
                                         load_tutorial_checkpoint, main)
+from captioner.data.datamodule import DATASETS
 from captioner.data.images import load_image
 from captioner.lit_module import CaptioningModule
 from captioner.vocab import WordMap
 
 TUTORIAL_MODELS = Path(__file__).parent / "tutorial_models"
+REPO = Path(__file__).resolve().parents[1]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 CAPTIONS = [["a", "red", "square", "on", "a", "grey", "field"], ["two", "blue", "circles"]]
@@ -230,13 +235,12 @@ def test_converted_checkpoint_captions_files_like_the_tutorial(tutorial, convert
     assert result.ok and result.tokens == expected
 
 
-def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tmp_path, monkeypatch):
-    """evaluate.py on the converted checkpoint, data found through its stored data config."""
+def prepare_tutorial_files(tutorial, tmp_path: Path, dataset: str = "coco") -> Path:
+    """The tutorial model's two images as a prepared ``dataset`` folder (3 train, 1 val, 1 test
+    image; min_word_freq 1); returns the folder, whose word map is the tutorial's."""
     from PIL import Image
 
     from captioner.data.preprocess import create_input_files
-    from captioner.run import evaluate
-    from conftest import compose
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -246,14 +250,24 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
         tokens = CAPTIONS[which]
         entries.append({"filename": f"{i}.png", "split": split, "cocoid": 100 + i,
                         "sentences": [{"tokens": tokens, "raw": " ".join(tokens)}]})
-    (tmp_path / "karpathy.json").write_text(__import__("json").dumps({"dataset": "coco", "images": entries}))
+    (tmp_path / "karpathy.json").write_text(json.dumps({"dataset": dataset, "images": entries}))
     prepared = tmp_path / "prepared"
-    result = create_input_files("coco", tmp_path / "karpathy.json", raw, captions_per_image=5, min_word_freq=1,
+    result = create_input_files(dataset, tmp_path / "karpathy.json", raw, captions_per_image=5, min_word_freq=1,
                                 output_folder=prepared, max_len=8, image_size=IMAGE_SIZE, num_workers=0,
                                 progress=False)
     assert WordMap.load(result.word_map_path) == tutorial["word_map"]
+    return prepared
+
+
+def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tmp_path, monkeypatch):
+    """evaluate.py on the converted checkpoint, data found through its stored data config."""
+    from captioner.run import evaluate
+    from conftest import compose
+
+    prepared = prepare_tutorial_files(tutorial, tmp_path)
+    word_map = prepared / "WORDMAP_coco_5_cap_per_img_1_min_word_freq.json"
     out = tmp_path / "tutorial.ckpt"
-    assert main([str(tutorial["path"]), str(result.word_map_path), str(out), "--data-folder", str(prepared),
+    assert main([str(tutorial["path"]), str(word_map), str(out), "--data-folder", str(prepared),
                  "--min-word-freq", "1", "--image-size", str(IMAGE_SIZE)]) == 0
 
     stored = torch.load(out, weights_only=True)["config"]["data"]
@@ -279,6 +293,52 @@ def test_evaluate_scores_the_converted_checkpoint_on_prepared_files(tutorial, tm
     cfg.ckpt_path = str(tmp_path / "old.ckpt")
     assert evaluate(cfg)["metrics"] == summary["metrics"]
     assert {f: f.stat().st_mtime_ns for f in prepared.iterdir()} == before
+
+
+def printed_evaluate_command(tutorial, tmp_path: Path, capsys, dataset: str) -> tuple[Path, list[str]]:
+    """Convert the tutorial model for ``dataset`` files; the checkpoint and the printed
+    ``python evaluate.py ...`` command, split as a shell would."""
+    prepared = prepare_tutorial_files(tutorial, tmp_path, dataset)
+    word_map = prepared / f"WORDMAP_{dataset}_5_cap_per_img_1_min_word_freq.json"
+    out = tmp_path / "my model.ckpt"  # a space: the printed command quotes its arguments
+    assert main([str(tutorial["path"]), str(word_map), str(out), "--data-folder", str(prepared),
+                 "--dataset", dataset, "--min-word-freq", "1", "--image-size", str(IMAGE_SIZE),
+                 "--max-len", "8"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Evaluate: ")]
+    command = shlex.split(line.removeprefix("Evaluate: "))
+    assert command[:2] == ["python", "evaluate.py"]
+    return out, command
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_printed_evaluate_command_scores_every_dataset(tutorial, tmp_path, capsys, dataset):
+    """The printed command's overrides score the converted checkpoint for every ``--dataset`` the
+    converter accepts (shapes failed: its raw paths could not be null); other names are refused."""
+    from captioner.run import evaluate
+    from conftest import compose
+
+    out, command = printed_evaluate_command(tutorial, tmp_path, capsys, dataset)
+    summary = evaluate(compose("evaluate", command[2:] + [  # in this process, without the COCO scorers
+        "trainer=cpu", "coco_metrics=false", f"paths.output_root={tmp_path / 'outputs'}",
+        f"paths.output_dir={tmp_path / 'outputs' / 'eval'}", "++trainer.enable_progress_bar=false"]))
+    assert summary["num_images"] == 1 and summary["checkpoint"] == str(out)
+    assert summary["metrics"]["bleu4_nltk"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):
+        main([str(tutorial["path"]), str(out), str(tmp_path / "x.ckpt"), "--dataset", "mscoco"])
+    assert "invalid choice: 'mscoco'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_printed_evaluate_command_runs_as_printed(tutorial, tmp_path, capsys):
+    """The whole printed command in a subprocess (COCO scorers included), for shapes files."""
+    out, command = printed_evaluate_command(tutorial, tmp_path, capsys, "shapes")
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *command[2:]], cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "outputs" / "evaluate").glob("*/results.json")
+    summary = json.loads(results.read_text())
+    assert summary["num_images"] == 1 and summary["checkpoint"] == str(out)
+    assert summary["metrics"]["bleu4_nltk"] == pytest.approx(1.0) and "coco_cider" in summary["metrics"]
 
 
 def test_a_checkpoint_of_dataparallel_models_converts_like_the_plain_one(tutorial, converted, tmp_path):

@@ -45,7 +45,8 @@ class PauseAt(L.Callback):
 
 
 def resume_overrides(tmp_path: Path, max_epochs: int = 3) -> list[str]:
-    """A tiny deterministic run (about 3 s per epoch on one CPU) writing only under ``tmp_path``.
+    """A tiny deterministic run (about 3 s per epoch on one CPU) writing only under ``tmp_path``,
+    with the quickstart's loader settings (2 persistent workers).
 
     ``lr_patience=1`` makes ReduceLROnPlateau cut the LR at every validation without a BLEU-4
     gain, so the scheduler's state changes between epochs and a wrong restore would show.
@@ -57,7 +58,6 @@ def resume_overrides(tmp_path: Path, max_epochs: int = 3) -> list[str]:
         "data.synthetic.num_train=48",
         "data.synthetic.num_val=15",
         "data.synthetic.num_test=15",
-        "data.num_workers=0",
         "data.batch_size=8",
         "model.decoder.embed_dim=16",
         "model.decoder.decoder_dim=16",
@@ -94,43 +94,71 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _start_victim(tmp_path: Path, run_dir: Path, marker: Path, extra: list[str]) -> subprocess.Popen:
+def _start_victim(tmp_path: Path, run_dir: Path, marker: Path, extra: list[str], batch: int = 2) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "train.py"), *resume_overrides(tmp_path), f"hydra.run.dir={run_dir}",
            "+callbacks.pause._target_=test_resume.PauseAt", "+callbacks.pause.epoch=1",
-           "+callbacks.pause.batch=2", f"+callbacks.pause.marker={marker}", *extra]
+           f"+callbacks.pause.batch={batch}", f"+callbacks.pause.marker={marker}", *extra]
+    # A session of its own: the kill takes its loader workers and DDP ranks too, as a preemption does.
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
 
 
-def _kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 90) -> None:
+def _kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc {proc.returncode}) before the pause:\n{proc.stdout.read()[-6000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("the run did not reach epoch 1, batch 2 in time")
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the run did not reach epoch 1 in time")
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
 
 
+#: Loader, sampler and strategy settings of the SIGKILL tests (on top of the quickstart's
+#: loader settings: 2 persistent workers), and the steps per epoch they give (48 images, 8 a batch).
+SETTINGS = {
+    "workers": ([], 6),
+    "bucketed": (["data.bucket_by_length=true", "data.bucket_pool_batches=2"], 6),
+    "ddp": (["trainer=ddp_cpu"], 3),
+}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, Path]:
-    """One uninterrupted 3-epoch run; its data folder is shared by the resumed runs."""
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted 3-epoch run per setting (made on first use); its data folder is
+    shared by the resumed runs."""
     root = tmp_path_factory.mktemp("resume")
-    run_dir = root / "outputs" / "train" / "uninterrupted"
-    _train(root, run_dir, [])
-    return {"root": root, "run": run_dir}
+    runs: dict[str, Path] = {}
+
+    def get(setting: str) -> dict[str, Path]:
+        if setting not in runs:
+            runs[setting] = root / "outputs" / "train" / f"uninterrupted-{setting}"
+            _train(root, runs[setting], SETTINGS[setting][0], timeout=600)
+        return {"root": root, "run": runs[setting]}
+
+    return get
 
 
 # ---------------------------------------------------------------------- auto_resume
-def _touch(path: Path, mtime: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+def _checkpoint(path: Path, mtime: float, epoch: int = 0) -> Path:
+    """A small checkpoint with the training-state keys, modified at ``mtime``."""
+    from captioner.checkpoints import save_checkpoint
+
+    save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "optimizer_states": [], "loops": {}, "epoch": epoch,
+                     "global_step": epoch}, path)
     os.utime(path, (mtime, mtime))
+    return path
+
+
+def _cut(path: Path) -> Path:
+    """``path`` cut short, as a kill during a non-atomic copy leaves it (modification time kept)."""
+    stat = path.stat()
+    path.write_bytes(path.read_bytes()[: stat.st_size // 2])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     return path
 
 
@@ -139,7 +167,7 @@ def test_auto_resume_prefers_the_current_run_folder(tmp_path):
 
     root = tmp_path / "outputs"
     current, other = root / "train" / "4242", root / "train" / "2026-01-01_00-00-00"
-    other_last = _touch(other / "checkpoints" / "last.ckpt", 3000)
+    other_last = _checkpoint(other / "checkpoints" / "last.ckpt", 3000)
     args = (current, [current / "checkpoints"], root, "train")
 
     # Nothing in this run's folder: true starts fresh even though another run has a newer last.ckpt.
@@ -147,17 +175,67 @@ def test_auto_resume_prefers_the_current_run_folder(tmp_path):
     assert auto_resume_checkpoint("newest", *args) == other_last
     assert auto_resume_checkpoint(False, *args) is None and auto_resume_checkpoint(None, *args) is None
 
-    own_last = _touch(current / "checkpoints" / "last.ckpt", 1000)
+    own_last = _checkpoint(current / "checkpoints" / "last.ckpt", 1000)
     assert auto_resume_checkpoint(True, *args) == own_last
     assert auto_resume_checkpoint("newest", *args) == own_last  # this run first, though older
     # Lightning's SIGUSR1 checkpoint in the run folder wins when it is newer than last.ckpt ...
-    hpc = _touch(current / "hpc_ckpt_1.ckpt", 2000)
+    hpc = _checkpoint(current / "hpc_ckpt_1.ckpt", 2000)
     assert auto_resume_checkpoint("true", *args) == hpc
     # ... and last.ckpt wins when an epoch ended after it.
     os.utime(own_last, (2500, 2500))
     assert auto_resume_checkpoint(True, *args) == own_last
+    # best.ckpt is newer only when a kill came between the epoch's best.ckpt and last.ckpt writes.
+    best = _checkpoint(current / "checkpoints" / "best.ckpt", 2600)
+    assert auto_resume_checkpoint(True, *args) == best
     with pytest.raises(ValueError, match="auto_resume='latest'.*newest"):
         auto_resume_checkpoint("latest", *args)
+
+
+def test_auto_resume_skips_unreadable_checkpoints_with_a_warning(tmp_path, caplog):
+    """A checkpoint cut short is skipped, naming it and why; the next intact one is resumed: an
+    older hpc_ckpt of this run, then (newest) the previous run folder's last.ckpt. With none
+    intact, the error lists every file tried."""
+    from captioner.checkpoints import CheckpointError
+    from captioner.run import auto_resume_checkpoint
+
+    root = tmp_path / "outputs"
+    current, previous = root / "train" / "4242", root / "train" / "2026-01-01_00-00-00"
+    args = (current, [current / "checkpoints"], root, "train")
+    previous_last = _checkpoint(previous / "checkpoints" / "last.ckpt", 500)
+    last = _cut(_checkpoint(current / "checkpoints" / "last.ckpt", 3000))
+    hpc_old = _checkpoint(current / "hpc_ckpt_1.ckpt", 1000)
+    hpc_new = _cut(_checkpoint(current / "hpc_ckpt_2.ckpt", 2000))
+    with caplog.at_level("WARNING", logger="captioner.run"):
+        assert auto_resume_checkpoint(True, *args) == hpc_old
+    skipped = [r.getMessage() for r in caplog.records]
+    assert len(skipped) == 2 and all("not a whole torch checkpoint" in m for m in skipped)
+    assert str(last) in skipped[0] and str(hpc_new) in skipped[1]  # newest first
+
+    _cut(hpc_old)
+    assert auto_resume_checkpoint("newest", *args) == previous_last
+    with pytest.raises(CheckpointError) as error:
+        auto_resume_checkpoint(True, *args)
+    message = str(error.value)
+    assert message.startswith("auto_resume=True: none of the 3 checkpoint(s) it found can be resumed")
+    assert all(str(p) in message for p in (last, hpc_new, hpc_old)) and "ckpt_path=" in message
+    _cut(previous_last)
+    with pytest.raises(CheckpointError, match=r"none of the 4 checkpoint\(s\)"):
+        auto_resume_checkpoint("newest", *args)
+
+
+def test_resume_refuses_an_unreadable_ckpt_path_before_preparing_data(tmp_path):
+    from captioner import run
+    from captioner.checkpoints import CheckpointError
+    from conftest import compose, tiny_overrides
+
+    ckpt = _cut(_checkpoint(tmp_path / "last.ckpt", 1000))
+    cfg = compose("train", tiny_overrides(tmp_path) + [f"ckpt_path={ckpt}"])
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {ckpt} is not a whole torch checkpoint"):
+        run.train(cfg)
+    assert not (tmp_path / "data").exists()
+    # Names Lightning resolves itself are left to it.
+    assert all(map(run._lightning_ckpt_name, ["last", "best", "hpc", "registry:me/model", "s3://b/x.ckpt"]))
+    assert not run._lightning_ckpt_name(ckpt)
 
 
 def test_ckpt_path_and_init_from_are_exclusive(tmp_path):
@@ -219,31 +297,45 @@ def _assert_same_state(a: dict, b: dict) -> None:
     assert a["lr_schedulers"] == b["lr_schedulers"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["ckpt_path", "auto_resume"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, how):
-    """Killed (SIGKILL) in epoch 1 after 2 of its 6 steps, then resumed from last.ckpt (the end of
-    epoch 0) in the same run folder: epoch 1 is replayed and the run ends with bit-identical weights,
-    optimiser, LR scheduler, early-stopping and best-checkpoint state and validation metrics.
+def _val_metrics(csv_folder: Path) -> dict[int, dict[str, str]]:
+    """``{epoch: {"val/...": value}}`` as logged, from one CSVLogger version folder."""
+    import csv
 
-    Exact equality holds on one machine with ``trainer.deterministic=true``, one intra-op thread and
-    ``num_workers=0``: every step sees the same batch (``EpochAwareSampler``), the same dropout
-    masks (``captioner.callbacks.ExactResume`` reseeds per batch) and the same LR (the scheduler step Lightning
-    skips on restart is replayed).
+    rows = csv.DictReader((csv_folder / "metrics.csv").open())
+    return {int(r["epoch"]): {k: v for k, v in r.items() if k.startswith("val/")} for r in rows if r.get("val/bleu4")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, how", [("workers", "ckpt_path"), ("workers", "auto_resume"),
+                                          ("bucketed", "auto_resume"), ("ddp", "auto_resume")])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, setting, how):
+    """Killed (SIGKILL, with its loader workers and DDP ranks) in epoch 1 after some of its steps,
+    then resumed from last.ckpt (the end of epoch 0) in the same run folder: epoch 1 is replayed
+    and the run ends with bit-identical weights, optimiser, LR scheduler, early-stopping and
+    best-checkpoint state, and logs the same validation metrics at every epoch.
+
+    Settings: the quickstart's loader (2 persistent workers), the length-bucketed sampler, and
+    two DDP processes (``trainer=ddp_cpu``). Exact equality holds on one machine with
+    ``trainer.deterministic=true`` and one intra-op thread: every step sees the same batch (the
+    sampler starts at the resumed epoch), the same dropout masks (``ExactResume`` reseeds per
+    batch) and the same LR (the scheduler step Lightning skips on restart is replayed).
     """
-    root = uninterrupted["root"]
-    run_dir = root / "outputs" / "train" / f"killed-{how}"
-    marker = root / f"paused-{how}"
+    extra, steps = SETTINGS[setting]
+    pause = 2 if steps > 3 else 1
+    runs = uninterrupted(setting)
+    root = runs["root"]
+    run_dir = root / "outputs" / "train" / f"killed-{setting}-{how}"
+    marker = root / f"paused-{setting}-{how}"
     last = run_dir / "checkpoints" / "last.ckpt"
 
-    _kill_when_paused(_start_victim(root, run_dir, marker, []), marker)
+    _kill_when_paused(_start_victim(root, run_dir, marker, extra, batch=pause), marker)
     at_kill = _load(last)
-    assert (at_kill["epoch"], at_kill["global_step"]) == (0, 6)  # end of epoch 0; 2 steps of epoch 1 lost
-    assert "global_step 9" in marker.read_text()  # the process had gone 3 steps past the checkpoint
+    assert (at_kill["epoch"], at_kill["global_step"]) == (0, steps)  # end of epoch 0; epoch 1's steps lost
+    assert f"global_step {steps + pause + 1}" in marker.read_text()  # the process had gone past the checkpoint
 
     csv_before = {f: f.read_bytes() for f in (run_dir / "csv").rglob("metrics.csv")}
     resume = [f"ckpt_path={last}"] if how == "ckpt_path" else ["auto_resume=true"]
-    out = _train(root, run_dir, resume)
+    out = _train(root, run_dir, extra + resume, timeout=600)
     # The resumed attempt logs to a CSV file of its own; the killed attempt's stays as it was.
     assert {f: f.read_bytes() for f in csv_before} == csv_before
     assert len(list((run_dir / "csv").rglob("metrics.csv"))) == len(csv_before) + 1
@@ -252,7 +344,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
         assert f"auto_resume=True: resuming from {last}" in log
     assert "resume: stepped the LR scheduler for epoch 0" in log
 
-    a_run = uninterrupted["run"]
+    a_run = runs["run"]
     _assert_same_state(_load(a_run / "checkpoints" / "last.ckpt"), _load(last))
     a_last, b_last = _load(a_run / "checkpoints" / "last.ckpt"), _load(last)
     for name in ("EarlyStopping", "ModelCheckpoint{'monitor': 'val/bleu4'"):
@@ -266,12 +358,17 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
 
     # The LRs logged by the resumed attempt are the ones the uninterrupted run logged at those
     # steps: LearningRateMonitor logs epoch 1's LR after ExactResume replayed the scheduler step.
+    resumed_csv = sorted((run_dir / "csv").glob("version_*"))[-1]
     lrs_a = _logged_lrs(a_run / "csv" / "version_0")
-    lrs_b = _logged_lrs(sorted((run_dir / "csv").glob("version_*"))[-1])
-    assert (6, "lr-Adam/decoder") in lrs_b  # epoch 1's first step, the one the replay changes
+    lrs_b = _logged_lrs(resumed_csv)
+    assert (steps, "lr-Adam/decoder") in lrs_b  # epoch 1's first step, the one the replay changes
     assert {k: lrs_a[k] for k in lrs_b} == lrs_b
     assert len(set(lrs_a.values())) > 1  # lr_patience=1: the LR did change between epochs
 
+    # val/bleu4 and the other validation metrics of every resumed epoch, as logged.
+    val_a, val_b = _val_metrics(a_run / "csv" / "version_0"), _val_metrics(resumed_csv)
+    assert sorted(val_b) == [1, 2] and sorted(val_a) == [0, 1, 2]
+    assert {e: val_a[e] for e in val_b} == val_b
     metrics_a = json.loads((a_run / "metrics.json").read_text())["metrics"]
     metrics_b = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     for key in ("val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/loss", "val/top5", "val/best_bleu4"):

@@ -4,9 +4,12 @@ Epochs and caption sampling: the train loader's sampler is an
 :class:`~captioner.data.dataset.EpochAwareSampler`, a ``DistributedSampler`` that yields
 ``(index, epoch)``. Lightning keeps it under DDP (it only inserts its own sampler when the
 loader has no ``DistributedSampler``) and calls its ``set_epoch`` with the fit loop's epoch at
-the start of every epoch, including after a resume, so the shuffling order and the
-``captions_per_sample`` row choice of epoch ``e`` are the same in an uninterrupted and in a
-resumed run, for any number of (persistent, forked or spawned) workers. The module therefore
+the start of every epoch. The first epoch a ``fit`` runs is the exception: Lightning creates its
+loader iterator before calling ``set_epoch``, and worker processes take their first indices
+from the sampler right then, so ``train_dataloader`` builds the sampler already at the fit
+loop's upcoming epoch (the restored one after a resume). The shuffling order and the
+``captions_per_sample`` row choice of epoch ``e`` are therefore the same in an uninterrupted and
+in a resumed run, for any number of (persistent, forked or spawned) workers, and the module
 keeps no state of its own to checkpoint. (``Trainer(overfit_batches=...)`` swaps in a plain
 sequential sampler; items then use the dataset's own epoch, 0, so the rows stay fixed.)
 
@@ -57,7 +60,7 @@ class CaptionDataModule(LightningDataModule):
         karpathy_json: the Karpathy-split JSON; for ``shapes`` it is generated on first use,
             together with its images, into this file's folder. None (with ``image_folder``):
             no raw inputs, only the prepared files in ``data_folder`` (a converted tutorial
-            checkpoint's data, so its folder is never rebuilt).
+            checkpoint's data, so its folder is never rebuilt), for every dataset.
         image_folder: root the JSON's ``filepath``/``filename`` entries are relative to.
         captions_per_image: caption rows per image in the prepared files (cpi).
         min_word_freq: words seen at least this often in train get an id (``>=``).
@@ -112,9 +115,10 @@ class CaptionDataModule(LightningDataModule):
             raise ValueError(f"data.synthetic is for dataset=shapes only, got dataset={dataset!r}")
         self.dataset = dataset
         self.data_folder = Path(data_folder)
-        if dataset == "shapes" and (karpathy_json is None or image_folder is None):
+        if dataset == "shapes" and (karpathy_json is None) != (image_folder is None):
             raise ValueError("data.karpathy_json and data.image_folder say where the shapes "
-                             "dataset is generated; they cannot be null")
+                             "dataset is generated: set both, or both to null to use only the "
+                             "prepared files in data.data_folder")
         self.karpathy_json = Path(karpathy_json) if karpathy_json is not None else None
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.captions_per_image = int(captions_per_image)
@@ -218,7 +222,7 @@ class CaptionDataModule(LightningDataModule):
             FileNotFoundError: neither the raw inputs nor the prepared files exist; the message
                 names the expected paths.
         """
-        if self.dataset == "shapes":
+        if self.dataset == "shapes" and self.karpathy_json is not None:
             from captioner.data.shapes import generate_shapes
 
             generated = generate_shapes(self.karpathy_json.parent, **(self.synthetic or {}))
@@ -298,7 +302,26 @@ class CaptionDataModule(LightningDataModule):
         else:
             sampler = EpochAwareSampler(dataset, num_replicas=num_replicas, rank=rank,
                                         shuffle=True, seed=self.seed, drop_last=False)
+        sampler.set_epoch(self._upcoming_epoch())
         return self._loader(dataset, self.batch_size, sampler)
+
+    def _upcoming_epoch(self) -> int:
+        """The epoch the fit loop runs next: the one Lightning passes to ``set_epoch`` later.
+
+        Lightning creates the loader's iterator right after this loader is built, before it calls
+        ``set_epoch``, and on a resume it uses that iterator for the first resumed epoch. With
+        ``num_workers > 0`` the iterator takes its first ``prefetch_factor * num_workers`` batches
+        of indices from the sampler at creation, which fixes the whole epoch's order (and each
+        item's epoch) then; a sampler still at epoch 0 would replay epoch 0's order and caption
+        rows in the resumed epoch. So the sampler starts at the fit loop's epoch: 0 in a fresh
+        run, ``e + 1`` after resuming a checkpoint written at the end of epoch ``e``, ``e`` after
+        one written inside epoch ``e``.
+        """
+        trainer = self.trainer
+        fit_loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+        if fit_loop is None:
+            return 0
+        return int(fit_loop.epoch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         """In file order, ``eval_batch_size`` (or ``batch_size``) images per batch."""
