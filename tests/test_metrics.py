@@ -135,6 +135,7 @@ def test_ddp_gather_equals_single_process(tmp_path):
     ids = sorted(CORPUS)
     single = corpus_bleu_scores([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
     single["cider"] = cider_d_corpus([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
+    assert single["cider"] > 0.5  # a real CIDEr-D, so the equality below is a check
     for r in results:
         assert r["ids"] == ids
         assert r["hyps"] == [CORPUS[i][0] for i in ids]
