@@ -54,7 +54,7 @@ except ImportError:  # run as a script: python benchmarks/run.py
 from captioner.losses import caption_loss
 from captioner.files import write_json_atomic
 
-GROUPS = ("preprocess", "loader", "train", "decode")
+GROUPS = ("preprocess", "loader", "train", "decode", "scst")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 # PyTorch's allocator setting for varying tensor sizes, tried on the CUDA loader rows.
@@ -1304,7 +1304,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = {"loader": lambda: bench_loader(sizes, device, args.repeats, data, workers_list),
                     "train": lambda: bench_train(sizes, device, args.repeats, data,
                                                  max(workers_list), args.train_rows),
-                    "decode": lambda: bench_decode(sizes, device, args.repeats)}
+                    "decode": lambda: bench_decode(sizes, device, args.repeats),
+                    "scst": lambda: __import__("benchmarks.scst").scst.scst_rows(args.repeats, args.quick)}
         for group in (g for g in GROUPS if g in measured and g in groups):
             group_rows = measured[group]()
             rows += group_rows
