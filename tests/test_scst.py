@@ -4,7 +4,6 @@ train.py (configs, refusal from random weights, rewards, val/cider, checkpoints)
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +147,22 @@ def test_scst_training_step_rewards_samples_and_logs(baseline, monkeypatch):
         assert float(logged["train/baseline"]) == pytest.approx(float(logged["train/reward"]), abs=1e-6)
     assert module.captioner.decoder.training  # the greedy baseline restores train mode
     assert module.monitor == "val/cider"
+
+
+def test_scst_step_under_bf16_autocast_has_fp32_log_probs_and_finite_gradients(monkeypatch):
+    module = _module(scst={"train_sample_n": 3, "max_len": 5})
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    batch = {"images": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "references": [[["a", "red", "circle"]], [["a", "blue", "square"]]]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = module.captioner.encode(batch["images"])
+        samples = module.captioner.sample(features, num_samples=3, max_len=5)
+        assert samples.log_probs.dtype == torch.float32
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    grads = [p.grad for p in module.captioner.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
 
 
 def test_scst_needs_references_and_document_frequencies():
