@@ -13,7 +13,7 @@ from captioner import run
 from captioner.cider import DocumentFrequencies
 from captioner.lit_module import CaptioningModule
 from captioner.losses import new_self_critical_baseline, self_critical_loss
-from conftest import compose
+from conftest import compose, one_thread
 from test_models import END, PAD, START, V, random_captions, tiny_captioner
 from test_run import DATA_NAME, run_overrides, split_images, tb_events, train_with
 
@@ -194,9 +194,7 @@ def test_scst_refuses_random_weights(tmp_path):
 def scst_run(tmp_path_factory):
     """A tiny quickstart (cross-entropy) run, then quickstart_scst from its best checkpoint."""
     root = tmp_path_factory.mktemp("scst")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         xe_cfg = compose("train", run_overrides(root, root / "data", [
             "trainer.max_epochs=2", "test_after_fit=false", "paths.output_dir=" + str(root / "xe")]))
         xe_metrics, _ = train_with(xe_cfg)
@@ -206,8 +204,6 @@ def scst_run(tmp_path_factory):
             "model.scst.max_len=10", "model.test_search.beam_size=2",
             "paths.output_dir=" + str(root / "scst")]))
         metrics, model = train_with(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "xe_metrics": xe_metrics, "metrics": metrics, "model": model,
             "run_dir": root / "scst", "xe_best": best}
 
