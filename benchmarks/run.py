@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decode, loader, train
+from benchmarks import decode, loader, scst, train
 from benchmarks.equivalence import check_equivalence
 from benchmarks.preprocess import DataSet, bench_preprocess, prepare_only
 from benchmarks.report import format_table, machine_info, ratios
@@ -56,6 +56,7 @@ class Context:
     loader_workers: list[int]  # DataLoader worker counts (--loader-workers)
     train_rows: str | None  # --train-rows
     data: DataSet | None  # the preprocessed benchmark dataset, for families in NEEDS_DATA
+    quick: bool = False  # --quick
 
 
 # The families after ``preprocess`` (which also prepares the dataset the others read), run in
@@ -70,6 +71,7 @@ FAMILIES: dict[str, Callable[[Context], list[dict]]] = {
     "train": lambda ctx: train.bench_train(ctx.sizes, ctx.device, ctx.repeats, ctx.data,
                                            max(ctx.loader_workers), ctx.train_rows),
     "decode": lambda ctx: decode.bench_decode(ctx.sizes, ctx.device, ctx.repeats),
+    "scst": lambda ctx: scst.scst_rows(ctx.repeats, ctx.quick),
 }
 NEEDS_DATA = {"loader", "train"}
 GROUPS = ("preprocess", *FAMILIES)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tmp.name).resolve()  # children run in the repo root
     started = time.perf_counter()
     try:
-        ctx = Context(sizes, device, args.repeats, workers_list, args.train_rows, data=None)
+        ctx = Context(sizes, device, args.repeats, workers_list, args.train_rows, data=None,
+                      quick=args.quick)
         if "preprocess" in groups:
             prep_rows, ctx.data = bench_preprocess(sizes, args.repeats, workdir)
             rows += prep_rows

@@ -1,7 +1,9 @@
 """CaptioningModule: the LightningModule around the plain-PyTorch ``Captioner``.
 
 It owns training, validation and test steps, the metric keys (``train/loss``, ``val/bleu4``, ...),
-the optimiser and LR schedule, and keeps the word map in every checkpoint. The batch dict
+the optimiser and LR schedule, and keeps the word map in every checkpoint. The training objective
+is cross-entropy (``xe``, teacher forcing) or self-critical sequence training (``scst``: sampled
+captions rewarded with CIDEr-D, Rennie et al. 2017). The batch dict
 documented in ``captioner/data/dataset.py`` is its only contract with the data side.
 """
 
@@ -14,11 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from captioner.callbacks import ImageRateProgressBar
-from captioner.losses import caption_loss
+from captioner.cider import CiderD, DocumentFrequencies
+from captioner.losses import caption_loss, new_self_critical_baseline, self_critical_loss
 from captioner.metrics import CaptionAccumulator, topk_accuracy
 from captioner.models import AttentionLSTMDecoder, Captioner, ImageEncoder
 from captioner.models.decoder import load_glove_embeddings
@@ -26,6 +30,10 @@ from captioner.search import Hypothesis
 from captioner.vocab import WordMap
 
 DEFAULT_SEARCH = {"beam_size": 1, "max_len": 50, "length_penalty": 0.0}
+OBJECTIVES = ("xe", "scst")
+#: Self-critical training settings (``model.scst``); baseline: new_self_critical | greedy.
+DEFAULT_SCST = {"train_sample_n": 5, "temperature": 1.0, "max_len": 16, "baseline": "new_self_critical"}
+SCST_BASELINES = ("new_self_critical", "greedy")
 
 
 class FiniteLossCheck:
@@ -43,10 +51,11 @@ class FiniteLossCheck:
     """
 
     def __init__(self):
-        self._pending: deque[tuple[torch.Tensor, Any, int, int]] = deque()
+        self._pending: deque[tuple[torch.Tensor, Any, int, int, tuple[str, str]]] = deque()
 
     def add(self, loss: torch.Tensor, cross_entropy: torch.Tensor, penalty: torch.Tensor,
-            epoch: int, step: int) -> None:
+            epoch: int, step: int, labels: tuple[str, str] = ("cross-entropy", "attention penalty")) -> None:
+        """Queue a step's loss and two of its terms (named by ``labels`` in the error)."""
         values = torch.stack([loss.detach(), cross_entropy.detach(), penalty.detach()]).float()
         event = None
         if values.is_cuda:
@@ -55,13 +64,13 @@ class FiniteLossCheck:
             event = torch.cuda.Event()
             event.record()
             values = host
-        self._pending.append((values, event, epoch, step))
+        self._pending.append((values, event, epoch, step, labels))
 
     def check(self, wait: bool) -> None:
         """Raise ``FloatingPointError`` for the first pending non-finite loss; ``wait=False``
         leaves the losses whose copies are still in flight for a later check."""
         while self._pending:
-            values, event, epoch, step = self._pending[0]
+            values, event, epoch, step, labels = self._pending[0]
             if event is not None and not event.query():
                 if not wait:
                     return
@@ -71,8 +80,8 @@ class FiniteLossCheck:
             if not math.isfinite(loss):
                 self._pending.clear()
                 raise FloatingPointError(
-                    f"non-finite training loss ({loss}) at epoch {epoch}, step {step}: cross-entropy "
-                    f"{cross_entropy}, attention penalty {penalty}. Training stopped; the best "
+                    f"non-finite training loss ({loss}) at epoch {epoch}, step {step}: {labels[0]} "
+                    f"{cross_entropy}, {labels[1]} {penalty}. Training stopped; the best "
                     "checkpoint is untouched. Lower the learning rate, keep gradient clipping on, or "
                     "use precision=32-true.")
 
@@ -94,7 +103,7 @@ class CaptioningModule(L.LightningModule):
         optimizer: a partial optimiser class taking parameter groups (default Adam).
         decoder_lr, encoder_lr: learning rates of the two parameter groups.
         lr_factor, lr_patience: multiply the LRs by ``lr_factor`` at the ``lr_patience``-th
-            validation without a ``val/bleu4`` improvement (and every ``lr_patience`` after).
+            validation without an improvement of :attr:`monitor` (and every ``lr_patience`` after).
         val_search, test_search: ``beam_size``, ``max_len``, ``length_penalty`` used to generate
             the captions that BLEU scores (validation is free-running, never teacher forced).
         num_log_examples: val images whose captions are logged each validation.
@@ -102,6 +111,15 @@ class CaptioningModule(L.LightningModule):
         data: small dict describing the data the model was trained on (name, fingerprint, ...).
         word_map: the ``WordMap``; stored in every checkpoint and restored from it.
         run_config: the resolved run config (plain dicts); stored in every checkpoint as "config".
+        objective: ``xe`` (teacher-forced cross-entropy) or ``scst`` (self-critical training on
+            CIDEr-D; start it from a cross-entropy model). SCST selects checkpoints, the LR
+            schedule and early stopping on ``val/cider`` (:attr:`monitor`), XE on ``val/bleu4``.
+        scst: settings of ``scst`` (see ``DEFAULT_SCST``): ``train_sample_n`` captions sampled
+            per image, sampling ``temperature``, ``max_len`` tokens per sample, and the
+            ``baseline``: ``new_self_critical`` (mean reward of the image's other samples) or
+            ``greedy`` (the reward of the greedy caption, dropout off).
+        cider_document_frequencies: CIDEr-D document frequencies of the train references (the
+            SCST reward); needed to train with ``scst`` only, never stored in checkpoints.
     """
 
     def __init__(
@@ -130,9 +148,12 @@ class CaptioningModule(L.LightningModule):
         data: dict[str, Any] | None = None,
         word_map: WordMap | dict[str, int] | None = None,
         run_config: dict[str, Any] | None = None,
+        objective: str = "xe",
+        scst: dict[str, Any] | None = None,
+        cider_document_frequencies: DocumentFrequencies | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "word_map", "run_config"])
+        self.save_hyperparameters(ignore=["optimizer", "word_map", "run_config", "cider_document_frequencies"])
         if isinstance(word_map, dict):
             word_map = WordMap.from_dict(word_map)
         if word_map is not None and len(word_map) != vocab_size:
@@ -144,6 +165,20 @@ class CaptioningModule(L.LightningModule):
         self._loss_on_lightning_bar = True
         if lr_patience < 1:
             raise ValueError(f"lr_patience must be >= 1, got {lr_patience}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"model.objective={objective!r}; choose one of {OBJECTIVES}")
+        unknown = set(scst or {}) - set(DEFAULT_SCST)
+        if unknown:
+            raise ValueError(f"model.scst has unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_SCST)}")
+        self.scst = {**DEFAULT_SCST, **(scst or {})}
+        if self.scst["baseline"] not in SCST_BASELINES:
+            raise ValueError(f"model.scst.baseline={self.scst['baseline']!r}; choose one of {SCST_BASELINES}")
+        min_samples = 2 if self.scst["baseline"] == "new_self_critical" else 1
+        if int(self.scst["train_sample_n"]) < min_samples:
+            raise ValueError(f"model.scst.train_sample_n={self.scst['train_sample_n']}; the "
+                             f"{self.scst['baseline']} baseline needs at least {min_samples}")
+        self.objective = objective
+        self._cider = CiderD(cider_document_frequencies) if cider_document_frequencies is not None else None
 
         image_encoder = ImageEncoder(**{**encoder, "fine_tune": fine_tune_encoder})
         embeddings = None
@@ -170,6 +205,11 @@ class CaptioningModule(L.LightningModule):
         self.test_results: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def monitor(self) -> str:
+        """The validation score that selects checkpoints and drives the LR schedule."""
+        return "val/cider" if self.objective == "scst" else "val/bleu4"
+
     def _require_word_map(self) -> WordMap:
         if self.word_map is None:
             raise RuntimeError("CaptioningModule has no word map: pass word_map= or load a checkpoint")
@@ -195,6 +235,8 @@ class CaptioningModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self._finite_loss.check(wait=False)  # earlier steps' losses, as far as they are known
+        if self.objective == "scst":
+            return self._self_critical_step(batch)
         losses, top5, num_captions = self._teacher_forced(batch)
         self._finite_loss.add(losses.loss, losses.cross_entropy, losses.attention_penalty,
                               self.current_epoch, self.global_step)
@@ -214,6 +256,64 @@ class CaptioningModule(L.LightningModule):
         self._epoch_rows += num_captions
         return losses.loss
 
+    def _candidates(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Sampled token ids per row without <end> and padding."""
+        tokens, mask = tokens.cpu().numpy(), mask.cpu().numpy()
+        lengths = mask.sum(axis=1)
+        ends = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)] == self.captioner.end_id
+        return [row[:n].tolist() for row, n in zip(tokens, lengths - ends)]
+
+    def _self_critical_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """SCST: K samples per image, CIDEr-D rewards on the host, the chosen baseline."""
+        if self._cider is None:
+            raise RuntimeError("model.objective=scst needs the CIDEr-D document frequencies of the "
+                               "train references: pass cider_document_frequencies= (train.py does)")
+        references = batch.get("references")
+        if references is None:
+            raise ValueError("model.objective=scst: the training batches carry no 'references'; build "
+                             "the data module with train_references=True (train.py does)")
+        word_map = self._require_word_map()
+        settings = self.scst
+        k, max_len = int(settings["train_sample_n"]), int(settings["max_len"])
+        features = self.captioner.encode(batch["images"])  # once per image for its K samples
+        samples = self.captioner.sample(features, num_samples=k, max_len=max_len,
+                                        temperature=float(settings["temperature"]))
+        ref_ids = [[[word_map.id_of(w) for w in ref] for ref in refs] for refs in references]
+        num_images = len(ref_ids)
+        candidates = self._candidates(samples.tokens, samples.mask)
+        rewards = self._cider.scores(candidates, ref_ids, np.repeat(np.arange(num_images), k))
+        rewards = torch.from_numpy(rewards.reshape(num_images, k))
+        if settings["baseline"] == "greedy":
+            decoder_training = self.captioner.decoder.training
+            self.captioner.decoder.eval()  # the test-time caption: no dropout
+            with torch.no_grad():
+                greedy = self.captioner.sample(features.detach(), num_samples=1, max_len=max_len,
+                                               greedy=True)
+            self.captioner.decoder.train(decoder_training)
+            greedy_rewards = self._cider.scores(self._candidates(greedy.tokens, greedy.mask), ref_ids)
+            baseline = torch.from_numpy(greedy_rewards)[:, None].expand(num_images, k)
+        else:
+            baseline = new_self_critical_baseline(rewards)
+        advantage = (rewards - baseline).reshape(-1).to(self.device, torch.float32, non_blocking=True)
+        loss = self_critical_loss(samples.log_probs, samples.mask, advantage)
+        mask = samples.mask.float()
+        entropy = (samples.entropy * mask).sum() / mask.sum()
+        mean_reward = rewards.mean().to(self.device)
+        self._finite_loss.add(loss, mean_reward, advantage.abs().mean(), self.current_epoch,
+                              self.global_step, labels=("mean reward", "mean |advantage|"))
+        num_samples = num_images * k
+        values = {"train/reward": mean_reward, "train/baseline": baseline.mean(),
+                  "train/advantage": advantage.mean(), "train/entropy": entropy,
+                  "train/sample_len": float(np.mean([len(c) for c in candidates]))}
+        self.log("train/loss", loss, prog_bar=self._loss_on_lightning_bar, on_step=True,
+                 on_epoch=False, batch_size=num_samples)
+        for name, value in values.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=num_samples)
+        sums = torch.stack([loss.detach(), mean_reward.float()]) * num_samples
+        self._epoch_sums = sums if self._epoch_sums is None else self._epoch_sums + sums
+        self._epoch_rows += num_samples
+        return loss
+
     def on_train_start(self) -> None:
         self._finite_loss.clear()
         self._loss_on_lightning_bar = not isinstance(self.trainer.progress_bar_callback, ImageRateProgressBar)
@@ -230,9 +330,10 @@ class CaptioningModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._finite_loss.check(wait=True)
         if self._epoch_sums is not None:
-            loss, top5 = self._epoch_sums / self._epoch_rows
+            loss, second = self._epoch_sums / self._epoch_rows
             self.log("train/loss_epoch", loss, on_step=False, on_epoch=True)
-            self.log("train/top5_epoch", top5, on_step=False, on_epoch=True)
+            name = "train/reward_epoch" if self.objective == "scst" else "train/top5_epoch"
+            self.log(name, second, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any]) -> None:
@@ -265,7 +366,7 @@ class CaptioningModule(L.LightningModule):
         self._eval_epoch_end("val")
         self._captions.reset()
         if not self.trainer.sanity_checking:
-            self._validated_since_step = True  # a fresh val/bleu4 for the plateau scheduler
+            self._validated_since_step = True  # a fresh monitored score for the plateau scheduler
             self._log_examples()
 
     def on_test_epoch_start(self) -> None:
@@ -323,15 +424,16 @@ class CaptioningModule(L.LightningModule):
             optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience - 1)
         # Offered at the epochs that validate (trainer.check_val_every_n_epoch, e.g. debug=overfit's
         # 10), else at every epoch end (validation by steps or time, or none), skipped with
-        # Lightning's warning while val/bleu4 is missing (strict=False); lr_scheduler_step takes
-        # only a val/bleu4 of a validation since the last step.
+        # Lightning's warning while the monitored score (val/bleu4, or val/cider for SCST) is
+        # missing (strict=False); lr_scheduler_step takes only a score of a validation since the
+        # last step.
         every = self._trainer.check_val_every_n_epoch if self._trainer is not None else None
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4", "interval": "epoch",
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor, "interval": "epoch",
                                  "frequency": every or 1, "strict": False}}
 
     def lr_scheduler_step(self, scheduler, metric: Any | None) -> None:
-        """Step the plateau scheduler only on a val/bleu4 of a validation since its last step: an
+        """Step the plateau scheduler only on a monitored score of a validation since its last step: an
         epoch end that repeats an older score is not another epoch without improvement."""
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             if not self._validated_since_step:

@@ -52,3 +52,38 @@ def caption_loss(logits: Tensor, targets: Tensor, mask: Tensor, alphas: Tensor,
     attention_penalty = ((1.0 - alphas.sum(dim=1)) ** 2).mean()
     return LossOutput(cross_entropy + alpha_c * attention_penalty, cross_entropy,
                       attention_penalty)
+
+
+def new_self_critical_baseline(rewards: Tensor) -> Tensor:
+    """Each sample's baseline is the mean reward of the other K-1 samples of its image
+    (Luo 2020, self-critical.pytorch's ``new_self_critical``).
+
+    Args:
+        rewards: (B, K) float, K >= 2 samples per image.
+
+    Returns:
+        (B, K) float baselines.
+    """
+    if rewards.dim() != 2 or rewards.size(1) < 2:
+        raise ValueError(f"rewards must be (B, K) with K >= 2 samples per image, got {tuple(rewards.shape)}")
+    return (rewards.sum(dim=1, keepdim=True) - rewards) / (rewards.size(1) - 1)
+
+
+def self_critical_loss(log_probs: Tensor, mask: Tensor, advantage: Tensor) -> Tensor:
+    """REINFORCE with a baseline (Rennie et al. 2017): ``-(reward - baseline) * log p(token)``
+    summed over each sample's tokens up to and including ``<end>``, then divided by the number
+    of those tokens in the batch (self-critical.pytorch's ``RewardCriterion`` averaging).
+
+    Args:
+        log_probs: (N, L) float, log-prob of each sampled token.
+        mask: (N, L) bool, True on the sampled tokens (through <end>).
+        advantage: (N,) float, reward minus baseline per sample (no gradient).
+
+    Returns:
+        Scalar loss.
+    """
+    if mask.shape != log_probs.shape or advantage.shape != log_probs.shape[:1]:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} must be "
+                         f"(N, L) and advantage {tuple(advantage.shape)} (N,)")
+    mask = mask.to(log_probs.dtype)
+    return -(advantage.detach()[:, None] * log_probs * mask).sum() / mask.sum().clamp(min=1)

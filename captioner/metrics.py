@@ -4,7 +4,9 @@ Two BLEU protocols live here and they give different numbers, so keep them apart
 
 * :func:`corpus_bleu_scores` / :class:`CaptionAccumulator` - the tutorial's protocol: nltk
   ``corpus_bleu`` on the Karpathy tokens (the word-map tokens the model emits), all
-  references of each image, no smoothing. This is what ``val/bleu4`` reports.
+  references of each image, no smoothing. This is what ``val/bleu4`` reports. The accumulator
+  also gives CIDEr-D on the same tokens (``val/cider``; :mod:`captioner.cider`, document
+  frequencies from the evaluated references as in the COCO evaluation).
 * :func:`coco_scores` - the COCO caption evaluation (pycocoevalcap): raw strings, PTB
   tokenisation, BLEU/METEOR/ROUGE-L/CIDEr-D/SPICE as published in papers.
 
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
+
+from captioner.cider import cider_d_corpus
 
 BLEU_WEIGHTS: dict[str, tuple[float, ...]] = {
     "bleu1": (1.0,),
@@ -79,6 +83,13 @@ def corpus_bleu_scores(references: Sequence[Sequence[Sequence[str]]],
                 for name, w in BLEU_WEIGHTS.items()}
 
 
+def _caption_scores(references: Sequence[Sequence[Sequence[str]]],
+                    hypotheses: Sequence[Sequence[str]]) -> dict[str, float]:
+    scores = corpus_bleu_scores(references, hypotheses)
+    scores["cider"] = cider_d_corpus(references, hypotheses)
+    return scores
+
+
 def _dist_world_size(group=None) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group)
@@ -86,7 +97,7 @@ def _dist_world_size(group=None) -> int:
 
 
 class CaptionAccumulator:
-    """Collects (image id, hypothesis, references) per rank; BLEU over the full set.
+    """Collects (image id, hypothesis, references) per rank; BLEU and CIDEr-D over the full set.
 
     ``DistributedSampler`` pads the dataset so every rank gets the same number of items,
     which repeats a few images. :meth:`gather` collects every rank's items with
@@ -94,7 +105,7 @@ class CaptionAccumulator:
     kept) and sorts by image id, so every rank holds the identical, complete list and the
     corpus BLEU equals the single-process value to the last digit.
 
-    :meth:`compute` runs nltk on rank 0 only and sends the result to the other ranks with
+    :meth:`compute` scores on rank 0 only and sends the result to the other ranks with
     ``broadcast_object_list``: all ranks return the same dict, computed once.
 
     With torch.distributed not initialised (or world size 1) everything is local.
@@ -159,17 +170,19 @@ class CaptionAccumulator:
                 [r for _, _, r in ordered])
 
     def compute(self) -> dict[str, float]:
-        """BLEU-1..4 (:func:`corpus_bleu_scores`) of the gathered set, equal on all ranks."""
+        """BLEU-1..4 (:func:`corpus_bleu_scores`) and ``cider`` (CIDEr-D, document frequencies
+        from these references: :func:`~captioner.cider.cider_d_corpus`) of the gathered set,
+        equal on all ranks."""
         _, hypotheses, references = self.gather()
         world = _dist_world_size(self.group)
         if world == 1:
-            return corpus_bleu_scores(references, hypotheses)
+            return _caption_scores(references, hypotheses)
         # Rank 0 computes (or fails) once; the others receive the outcome.
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         box: list[Any] = [None]
         if dist.get_rank() == src:
             try:
-                box[0] = corpus_bleu_scores(references, hypotheses)
+                box[0] = _caption_scores(references, hypotheses)
             except ValueError as e:
                 box[0] = e
         dist.broadcast_object_list(box, src=src, group=self.group)

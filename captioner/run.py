@@ -238,6 +238,8 @@ def build_model(cfg: DictConfig, word_map: WordMap, datamodule) -> CaptioningMod
     target = get_class(kwargs.pop("_target_"))
     if cfg.model.get("optimizer") is not None:
         kwargs["optimizer"] = instantiate(cfg.model.optimizer)
+    if kwargs.get("objective") == "scst":  # the reward's document frequencies (cached on disk)
+        kwargs["cider_document_frequencies"] = datamodule.cider_document_frequencies()
     return target(**kwargs, vocab_size=len(word_map), **word_map.special_ids, word_map=word_map,
                   data=data_info(datamodule, word_map), run_config=_plain(cfg))
 
@@ -364,8 +366,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:  # before the other ranks start; hpc_ckpt_* go to the run folder
         remove_partial_files([*checkpoint_dirs, run_dir])
     ckpt_path = resume_from(cfg, run_dir, checkpoint_dirs)
+    self_critical = cfg.model.get("objective", "xe") == "scst"
+    if self_critical and not cfg.get("init_from") and not ckpt_path:
+        raise ValueError("model.objective=scst fine-tunes a trained captioner and cannot start from random "
+                         "weights: pass init_from=<best.ckpt of a cross-entropy run>, e.g. "
+                         "init_from=outputs/train/latest/checkpoints/best.ckpt (or ckpt_path=... to "
+                         "resume an SCST run)")
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        expected = "val/cider" if self_critical else "val/bleu4"
+        if monitor in ("val/bleu4", "val/cider") and monitor != expected and rank_zero_only.rank == 0:
+            log.warning("%s monitors %s, but model.objective=%s selects on %s (the LR schedule's); "
+                        "set callbacks.*.monitor=%s", type(callback).__name__, monitor,
+                        cfg.model.get("objective", "xe"), expected, expected)
 
-    datamodule = instantiate(cfg.data, _convert_="all")
+    # SCST rewards each sample against its image's references: the train batches carry them.
+    datamodule = instantiate(cfg.data, _convert_="all", **({"train_references": True} if self_critical else {}))
     if rank_zero_only.rank != 0 and datamodule.overwrite is True:
         # data.overwrite: global rank 0 rebuilds; the others use matching files and rebuild
         # only files made with other settings (whichever rank takes the lock first).
@@ -393,7 +409,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoint_cb = trainer.checkpoint_callback
     best = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
-        metrics["val/best_bleu4"] = float(checkpoint_cb.best_model_score)
+        metrics[f"val/best_{checkpoint_cb.monitor.split('/')[-1]}"] = float(checkpoint_cb.best_model_score)
     metrics["fit_seconds"] = time.perf_counter() - started
     if checkpoint_cb is not None and (best or checkpoint_cb.last_model_path) and not trainer.fast_dev_run:
         # Only runs that wrote a checkpoint become the one evaluate.py and caption use by default.

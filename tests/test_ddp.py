@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from captioner import run
+from captioner.cider import cider_d_corpus
 from captioner.metrics import corpus_bleu_scores
 from conftest import compose
 
@@ -164,6 +165,39 @@ def test_ddp_train_val_and_test_bleu_equal_one_process(ddp_run, tmp_path):
         assert logged[f"val/bleu{n}"] == float32(val["metrics"][f"bleu{n}_nltk"]), n
         assert logged[f"test/bleu{n}"] == float32(test["metrics"][f"bleu{n}_nltk"]), n
     assert val["metrics"]["bleu1_nltk"] > 0.05  # a real corpus score, not all zeros
+    # val/cider and test/cider: CIDEr-D of the same captions, DF from the split's references.
+    for split, result in (("val", val), ("test", test)):
+        assert logged[f"{split}/cider"] == float32(_cider_of(ddp_run, split, result)), split
+
+
+def _cider_of(ddp_run: dict, split: str, result: dict) -> float:
+    """CIDEr-D (one process) of the captions an evaluation wrote."""
+    folder = Path(result["config"]["paths"]["output_dir"])
+    captions = json.loads((folder / f"captions_{split}_beam{result['search']['beam_size']}.json").read_text())
+    refs = _references(ddp_run["data_dir"], split)
+    return cider_d_corpus([refs[c["image_id"]] for c in captions], [c["caption"].split() for c in captions])
+
+
+@pytest.mark.slow
+def test_ddp_scst_val_cider_equals_one_process(ddp_run, tmp_path):
+    """quickstart_scst under trainer=ddp_cpu (each rank samples and rewards its own shard) from the
+    DDP run's best weights: its logged val/cider equals a one-process evaluation of its weights."""
+    best = _run_folder(ddp_run) / "checkpoints" / "best.ckpt"
+    _run("train.py", tmp_path, [
+        "experiment=quickstart_scst", "trainer=ddp_cpu", f"init_from={best}",
+        f"paths.data_dir={ddp_run['data_dir']}", "hydra.run.dir=scst", "data.num_workers=0",
+        "data.batch_size=8", "data.synthetic.num_train=160", f"data.synthetic.num_val={NUM_EVAL}",
+        f"data.synthetic.num_test={NUM_EVAL}", "model.decoder.embed_dim=32", "model.decoder.decoder_dim=32",
+        "model.decoder.attention_dim=32", "model.decoder.dropout=0.0", "model.scst.max_len=10",
+        "model.decoder_lr=1e-3", "model.encoder_lr=1e-3", "test_after_fit=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"], timeout=240)
+    run_dir = tmp_path / "scst"
+    logged = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    val = run.evaluate(_eval_config(ddp_run, tmp_path / "val", [
+        "split=val", "beam=1", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))
+    assert logged["val/cider"] == float32(_cider_of(ddp_run, "val", val))
+    assert logged["val/bleu4"] == float32(val["metrics"]["bleu4_nltk"])
+    assert logged["val/best_cider"] == logged["val/cider"] and "train/reward_epoch" in logged
 
 
 @pytest.mark.slow

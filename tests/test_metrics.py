@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from nltk.translate.bleu_score import corpus_bleu
 from torch.utils.data.distributed import DistributedSampler
 
+from captioner.cider import cider_d_corpus
 from captioner import metrics
 from captioner.metrics import (CaptionAccumulator, coco_scores, corpus_bleu_scores,
                                ptb_tokenize_python, topk_accuracy)
@@ -89,6 +90,7 @@ def test_accumulator_dedups_sorts_and_matches_direct_bleu():
     assert ids == sorted(CORPUS)
     assert hyps[ids.index(first_id)] == first_hyp
     expected = corpus_bleu_scores([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
+    expected["cider"] = cider_d_corpus([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
     assert acc.compute() == expected
     acc.reset()
     assert len(acc) == 0
@@ -132,6 +134,8 @@ def test_ddp_gather_equals_single_process(tmp_path):
     assert sum(len(r["local"]) for r in results) == len(CORPUS) + 1  # the duplicate was there
     ids = sorted(CORPUS)
     single = corpus_bleu_scores([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
+    single["cider"] = cider_d_corpus([CORPUS[i][1] for i in ids], [CORPUS[i][0] for i in ids])
+    assert single["cider"] > 0.5  # a real CIDEr-D, so the equality below is a check
     for r in results:
         assert r["ids"] == ids
         assert r["hyps"] == [CORPUS[i][0] for i in ids]

@@ -83,8 +83,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(tmp_path: Path, run_dir: Path, extra: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "train.py"), *resume_overrides(tmp_path), f"hydra.run.dir={run_dir}", *extra]
+def scst_overrides(tmp_path: Path, init_from: Path) -> list[str]:
+    """The tiny run as self-critical training (``quickstart_scst``) from ``init_from``, 2 epochs."""
+    return ["experiment=quickstart_scst", *resume_overrides(tmp_path, max_epochs=2)[1:],
+            f"init_from={init_from}", "model.scst.max_len=8", "model.scst.train_sample_n=3"]
+
+
+def _train(tmp_path: Path, run_dir: Path, extra: list[str], timeout: float = 120,
+           base: list[str] | None = None) -> subprocess.CompletedProcess:
+    base = resume_overrides(tmp_path) if base is None else base
+    cmd = [sys.executable, str(REPO / "train.py"), *base, f"hydra.run.dir={run_dir}", *extra]
     out = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
     return out
@@ -94,8 +102,10 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _start_victim(tmp_path: Path, run_dir: Path, marker: Path, extra: list[str], batch: int = 2) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "train.py"), *resume_overrides(tmp_path), f"hydra.run.dir={run_dir}",
+def _start_victim(tmp_path: Path, run_dir: Path, marker: Path, extra: list[str], batch: int = 2,
+                  base: list[str] | None = None) -> subprocess.Popen:
+    base = resume_overrides(tmp_path) if base is None else base
+    cmd = [sys.executable, str(REPO / "train.py"), *base, f"hydra.run.dir={run_dir}",
            "+callbacks.pause._target_=test_resume.PauseAt", "+callbacks.pause.epoch=1",
            f"+callbacks.pause.batch={batch}", f"+callbacks.pause.marker={marker}", *extra]
     # A session of its own: the kill takes its loader workers and DDP ranks too, as a preemption does.
@@ -374,3 +384,33 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted, 
     for key in ("val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/loss", "val/top5", "val/best_bleu4"):
         assert metrics_a[key] == metrics_b[key], key
     assert metrics_a["val/bleu1"] > 0 and out.returncode == 0
+
+
+@pytest.mark.slow
+def test_scst_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(uninterrupted):
+    """The same for self-critical training (from the uninterrupted run's best weights): the
+    sampled captions come from the generator ExactResume reseeds per batch, so the replayed steps
+    draw the same samples, get the same CIDEr-D rewards and end with bit-identical weights."""
+    xe_run = uninterrupted("workers")
+    root = xe_run["root"]
+    base = scst_overrides(root, xe_run["run"] / "checkpoints" / "best.ckpt")
+    a_run = root / "outputs" / "train" / "scst-uninterrupted"
+    _train(root, a_run, [], base=base)
+    run_dir = root / "outputs" / "train" / "scst-killed"
+    marker = root / "paused-scst"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    _kill_when_paused(_start_victim(root, run_dir, marker, [], base=base), marker)
+    assert (_load(last)["epoch"], _load(last)["global_step"]) == (0, 6)
+    _train(root, run_dir, ["auto_resume=true"], base=base)  # init_from is superseded by last.ckpt
+
+    a_last, b_last = _load(a_run / "checkpoints" / "last.ckpt"), _load(last)
+    _assert_same_state(a_last, b_last)
+    xe = _load(xe_run["run"] / "checkpoints" / "best.ckpt")["state_dict"]
+    assert any(not torch.equal(xe[k], a_last["state_dict"][k]) for k in xe)  # SCST did train
+    sa = _callback_state(a_last, "ModelCheckpoint{'monitor': 'val/cider'")
+    sb = _callback_state(b_last, "ModelCheckpoint{'monitor': 'val/cider'")
+    assert sa["best_model_score"] == sb["best_model_score"]
+    metrics_a = json.loads((a_run / "metrics.json").read_text())["metrics"]
+    metrics_b = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    for key in ("val/cider", "val/bleu4", "val/best_cider", "train/reward_epoch"):
+        assert metrics_a[key] == metrics_b[key], key

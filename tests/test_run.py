@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from captioner import run
 from captioner.lit_module import CaptioningModule, FiniteLossCheck
 from captioner.vocab import WordMap
-from conftest import CONF, ROOT, compose, tiny_overrides
+from conftest import CONF, ROOT, compose, one_thread, tiny_overrides
 
 DATA_NAME = "shapes_5_cap_per_img_1_min_word_freq"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -85,14 +85,10 @@ def tb_events(folder: Path):
 def trained(tmp_path_factory):
     """One tiny quickstart run: (root, cfg, metrics, the module after its test, run folder)."""
     root = tmp_path_factory.mktemp("trained")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         cfg = compose("train", run_overrides(root, root / "data", [
             "model.test_search.beam_size=2", "trainer.log_every_n_steps=1"]))
         metrics, model = train_with(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "cfg": cfg, "metrics": metrics, "model": model,
             "run_dir": Path(cfg.paths.output_dir), "data_dir": root / "data"}
 

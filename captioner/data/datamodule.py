@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from captioner.cider import DocumentFrequencies, cached_document_frequencies
 from captioner.data.dataset import (SPLITS, QUICKSTART_HINT, CaptionH5Dataset, EpochAwareSampler,
                                     LengthBucketSampler, collate)
 from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO
@@ -89,6 +90,8 @@ class CaptionDataModule(LightningDataModule):
         bucket_by_length: train batches group images of similar longest caption
             (:class:`~captioner.data.dataset.LengthBucketSampler`); False = plain shuffling.
         bucket_pool_batches: batches per length-sorted pool when ``bucket_by_length``.
+        train_references: train batches carry every reference of their images (the reward of
+            self-critical training; ``train.py`` sets it for ``model.objective=scst``).
     """
 
     def __init__(self, dataset: str, data_folder: str | os.PathLike, karpathy_json: str | os.PathLike | None,
@@ -100,7 +103,7 @@ class CaptionDataModule(LightningDataModule):
                  overwrite: bool | str = False, preprocess_workers: int | None = None,
                  draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO, seed: int = 123,
                  synthetic: Mapping[str, Any] | None = None, bucket_by_length: bool = False,
-                 bucket_pool_batches: int = 50):
+                 bucket_pool_batches: int = 50, train_references: bool = False):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
@@ -140,6 +143,7 @@ class CaptionDataModule(LightningDataModule):
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.bucket_by_length = bool(bucket_by_length)
         self.bucket_pool_batches = int(bucket_pool_batches)
+        self.train_references = bool(train_references)
         self.datasets: dict[str, CaptionH5Dataset] = {}
         self._word_map: WordMap | None = None
         self._overwritten = False  # data.overwrite is spent once prepare_data has rebuilt
@@ -267,7 +271,8 @@ class CaptionDataModule(LightningDataModule):
             raise FileNotFoundError(self._missing_message(missing) + " Run prepare_data() first.")
         return CaptionH5Dataset(self.data_folder, self.data_name, split,
                                 captions_per_sample=self.captions_per_sample if split == "train" else None,
-                                seed=self.seed)
+                                seed=self.seed,
+                                with_references=self.train_references if split == "train" else True)
 
     def _dataset(self, split: str) -> CaptionH5Dataset:
         if split not in self.datasets:
@@ -345,6 +350,23 @@ class CaptionDataModule(LightningDataModule):
                 {k: v for k, v in batch.items() if k != "lengths"}, device, dataloader_idx)
             return {**rest, "lengths": batch["lengths"]}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @property
+    def cider_document_frequencies_path(self) -> Path:
+        return self.data_folder / f"TRAIN_CIDER_DF_{self.data_name}.npz"
+
+    def cider_document_frequencies(self) -> DocumentFrequencies:
+        """CIDEr-D document frequencies of the train split's references, in word-map ids (rare
+        words as ``<unk>``, as the model sees them): the SCST reward's. Computed once and cached
+        in :attr:`cider_document_frequencies_path`, keyed by a hash of those references, so it
+        is recomputed when they (or the word map) change."""
+        dataset = self._dataset("train")
+        if not dataset.with_references:
+            dataset = CaptionH5Dataset(self.data_folder, self.data_name, "train", seed=self.seed,
+                                       with_references=True)
+        word_map = self.word_map
+        references = [[[word_map.id_of(w) for w in ref] for ref in refs] for refs in dataset.references]
+        return cached_document_frequencies(self.cider_document_frequencies_path, references)
 
     def raw_references(self, split: str) -> dict[int, list[str]]:
         """``{image_id: [raw caption strings]}`` of a split (for the COCO scorers)."""

@@ -14,9 +14,12 @@ key           train                        val / test
 images        uint8 (B, 3, S, S)           uint8 (B, 3, S, S)
 captions      int64 (B, k, T)              int64 (B, cpi, T)
 lengths       int64 (B, k)                 int64 (B, cpi)
-references    absent                       list of B lists of token lists (no special tokens)
+references    absent (see below)           list of B lists of token lists (no special tokens)
 image_ids     int64 (B,)                   int64 (B,)
 ============  ===========================  ====================================================
+
+Train batches carry ``references`` too when the dataset is built with ``with_references=True``
+(``CaptionDataModule(train_references=True)``, which self-critical training needs for its reward).
 
 ``T = max_len + 2`` is fixed by the files: trailing all-pad columns are NOT trimmed per
 batch, so every batch of a split has the same T. The model uses ``lengths`` and masks, so the
@@ -89,10 +92,12 @@ class CaptionH5Dataset(Dataset):
         captions_per_sample: caption rows per training item, ``1..cpi``; None means all.
             Ignored for val/test, which always return all rows.
         seed: seed of the per-(epoch, index) row choice.
+        with_references: items carry ``"references"``; None = val/test only.
     """
 
     def __init__(self, data_folder: str | os.PathLike, data_name: str, split: str,
-                 captions_per_sample: int | None = None, seed: int = 0):
+                 captions_per_sample: int | None = None, seed: int = 0,
+                 with_references: bool | None = None):
         self.data_folder = Path(data_folder)
         self.data_name = data_name
         self.split = split
@@ -161,7 +166,8 @@ class CaptionH5Dataset(Dataset):
 
         self._word_map_cache: WordMap | None = None
         self.has_reference_file = self.paths.references.is_file()
-        self.image_ids, self._references = self._load_references(keep_tokens=split != "train")
+        self.with_references = split != "train" if with_references is None else bool(with_references)
+        self.image_ids, self._references = self._load_references(keep_tokens=self.with_references)
         self.epoch = 0
         self._h5: h5py.File | None = None
         self._h5_pid: int | None = None
@@ -180,6 +186,13 @@ class CaptionH5Dataset(Dataset):
                                  f"(one per image of {self.paths.images})")
         image_ids = np.asarray(data["image_ids"], dtype=np.int64)
         return image_ids, (data["tokens"] if keep_tokens else None)
+
+    @property
+    def references(self) -> list[list[list[str]]]:
+        """Every image's references as word lists (needs ``with_references``)."""
+        if self._references is None:
+            raise RuntimeError(f"{self.split} dataset built with with_references=False has no references")
+        return self._references
 
     def _word_map(self) -> WordMap:
         if self._word_map_cache is None:
@@ -282,7 +295,7 @@ class CaptionH5Dataset(Dataset):
             "lengths": torch.from_numpy(self._caplens[rows]),
             "image_ids": int(self.image_ids[index]),
         }
-        if self.split != "train":
+        if self.with_references:
             item["references"] = [list(ref) for ref in self._references[index]]
         return item
 

@@ -27,6 +27,13 @@ class CaptionerOutput(NamedTuple):
     mask: Tensor  # (B*k, L) bool, True on real target tokens
 
 
+class SampleOutput(NamedTuple):
+    tokens: Tensor  # (B*K, L) int64, the drawn tokens, <end> included, pad_id after it
+    log_probs: Tensor  # (B*K, L) float32, log-prob of each drawn token (0 after <end>)
+    mask: Tensor  # (B*K, L) bool, True up to and including <end>
+    entropy: Tensor  # (B*K, L) float32, detached entropy of each step's distribution (0 after <end>)
+
+
 class Captioner(nn.Module):
     """Show, Attend and Tell: the encoder, the decoder and the special-token ids.
 
@@ -156,6 +163,68 @@ class Captioner(nn.Module):
             return [[hyp] for hyp in hyps]
         return beam_search(step_fn, state, batch, beam_size, self.start_id, self.end_id,
                            max_len, length_penalty=length_penalty, num_return=num_return)
+
+    def sample(self, features: Tensor, num_samples: int = 5, max_len: int = 16,
+               temperature: float = 1.0, greedy: bool = False) -> SampleOutput:
+        """Draw ``num_samples`` captions per image by multinomial sampling, all rows at once.
+
+        The policy of self-critical training (Rennie et al. 2017): features are computed once
+        per image (:meth:`encode`) and shared by its K rows; gradients flow to the decoder and
+        the features through ``log_probs``. ``<pad>`` and ``<start>`` are never drawn. The
+        random numbers come from torch's global generator, so a seeded run draws the same
+        captions. The caller chooses train/eval mode (dropout).
+
+        Args:
+            features: (B, P, D) region features from :meth:`encode`.
+            num_samples: K captions per image; row ``b*K + j`` is sample j of image b.
+            max_len: most tokens drawn per caption (incl. <end>).
+            temperature: the logits are divided by it before the softmax (1 = the model).
+            greedy: take the most likely token instead of sampling (the greedy baseline).
+
+        Returns:
+            SampleOutput with tokens, log_probs, mask and entropy, each (B*K, L), L <= max_len
+            (the loop stops when every row has drawn <end>).
+        """
+        if features.dim() != 3:
+            raise ValueError(f"features must be (B, P, D), got {tuple(features.shape)}")
+        if num_samples < 1 or max_len < 1 or not temperature > 0:
+            raise ValueError(f"need num_samples >= 1, max_len >= 1 and temperature > 0, got "
+                             f"{num_samples}, {max_len}, {temperature}")
+        projected = self.decoder.project(features)
+        state = DecoderState(*(expand_for_beams(x, num_samples) for x in self.decoder.init_state(features)))
+        features = expand_for_beams(features, num_samples)  # (B*K, P, D)
+        projected = expand_for_beams(projected, num_samples)  # (B*K, P, A)
+        rows = features.size(0)
+        banned = copy_to_device(torch.tensor([self.pad_id, self.start_id]), features.device)
+        tokens = torch.full((rows,), self.start_id, dtype=torch.long, device=features.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=features.device)
+        drawn, log_probs, masks, entropies = [], [], [], []
+        for _ in range(max_len):
+            out = self.decoder.step(tokens, state, features, projected)
+            state = out.state
+            logits = out.logits.float().index_fill(1, banned, float("-inf"))
+            step_log_probs = (logits / temperature).log_softmax(dim=-1)  # (B*K, V)
+            with torch.no_grad():
+                probs = step_log_probs.exp()
+                if greedy:
+                    tokens = probs.argmax(dim=-1)
+                else:
+                    tokens = torch.multinomial(probs, 1).squeeze(1)
+                entropy = -(probs * step_log_probs.nan_to_num(neginf=0.0)).sum(dim=-1)
+            alive = ~finished
+            tokens = tokens.masked_fill(finished, self.pad_id)
+            # Finished rows read <end>'s log-prob (finite) and then drop it.
+            safe = tokens.masked_fill(finished, self.end_id)
+            token_log_probs = step_log_probs.gather(1, safe[:, None]).squeeze(1)
+            log_probs.append(torch.where(alive, token_log_probs, torch.zeros_like(token_log_probs)))
+            entropies.append(torch.where(alive, entropy, torch.zeros_like(entropy)))
+            drawn.append(tokens)
+            masks.append(alive)
+            finished = finished | (tokens == self.end_id)
+            if bool(finished.all()):  # one host sync per step, as in self-critical.pytorch
+                break
+        return SampleOutput(torch.stack(drawn, dim=1), torch.stack(log_probs, dim=1),
+                            torch.stack(masks, dim=1), torch.stack(entropies, dim=1))
 
     def greedy(self, images: Tensor, max_len: int = 50) -> list[list[int]]:
         """Greedy token ids per image (no <start>/<end>); a shortcut over :meth:`generate`."""
