@@ -6,7 +6,8 @@ the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs i
 (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with 0/1/2 worker
 processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB, peak RSS for
 a small and a large Karpathy JSON) and ``loader`` (``CaptionH5Dataset`` + DataLoader images/s by
-worker count). Every number is the median of
+worker count) and ``serving`` (``benchmarks/serving.py``: PyTorch vs ONNX Runtime images/s, the
+HTTP server's latency and images/s next to the caption CLI's, on the CPU). Every number is the median of
 ``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
 loader-in-the-loop rows on CUDA after 160), with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
@@ -53,8 +54,9 @@ except ImportError:  # run as a script: python benchmarks/run.py
 
 from captioner.losses import caption_loss
 from captioner.files import write_json_atomic
+from benchmarks.serving import serving_ratios, serving_rows
 
-GROUPS = ("preprocess", "loader", "train", "decode")
+GROUPS = ("preprocess", "loader", "train", "decode", "serving")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 # PyTorch's allocator setting for varying tensor sizes, tried on the CUDA loader rows.
@@ -1304,7 +1306,9 @@ def main(argv: list[str] | None = None) -> int:
         measured = {"loader": lambda: bench_loader(sizes, device, args.repeats, data, workers_list),
                     "train": lambda: bench_train(sizes, device, args.repeats, data,
                                                  max(workers_list), args.train_rows),
-                    "decode": lambda: bench_decode(sizes, device, args.repeats)}
+                    "decode": lambda: bench_decode(sizes, device, args.repeats),
+                    # benchmarks/serving.py: PyTorch vs ONNX Runtime, the HTTP server (CPU).
+                    "serving": lambda: serving_rows(args.quick, args.repeats, workdir)}
         for group in (g for g in GROUPS if g in measured and g in groups):
             group_rows = measured[group]()
             rows += group_rows
@@ -1313,7 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    ratio_rows = ratios(rows)
+    ratio_rows = ratios(rows) + serving_ratios(rows)
     print()
     print(format_table(rows, ratio_rows))
     report = {"machine": machine_info(device), "quick": args.quick, "repeats": args.repeats,
