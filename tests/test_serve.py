@@ -232,6 +232,21 @@ def test_demo_page_in_headless_chromium_shows_caption_and_overlay(served, expect
             browser.close()
 
 
+# ----------------------------------------------------------------------------- decoding
+def test_uploaded_bytes_decode_to_the_pixels_of_the_file(tmp_path):
+    """The server decodes an upload's bytes exactly as the caption CLI decodes the file."""
+    from captioner.data.images import load_image
+    from captioner.serve import RequestError, decode_image
+
+    for path in write_good_images(tmp_path / "images"):  # JPEGs (draft mode, CMYK, gray) and PNGs
+        for draft in (0.8, None):
+            want = load_image(path, 32, draft)
+            np.testing.assert_array_equal(decode_image(path.read_bytes(), 32, draft, 10**7), want)
+    with pytest.raises(RequestError, match="640x400 = 256000 pixels") as error:
+        decode_image((tmp_path / "images" / "g_large.png").read_bytes(), 32, 0.8, 100_000)
+    assert error.value.status == 413
+
+
 # ----------------------------------------------------------------------------- the batcher
 def test_batcher_groups_concurrent_items_and_a_failing_batch_fails_only_its_own():
     sizes = []
