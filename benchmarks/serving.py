@@ -28,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def running_server(overrides: list[str], cwd: Path, env: dict | None = None,
+                   startup_s: float = 300) -> Iterator[str]:
+    """``python -m captioner.serve`` with ``overrides`` on a free loopback port; yields its URL
+    once ``/health`` answers (at most ``startup_s`` seconds) and stops it afterwards."""
+    import requests
+
+    port = _free_port()
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.serve", f"port={port}", *overrides], cwd=cwd,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer /health within {startup_s} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: int, num_images: int,
                 latency_requests: int) -> list[dict]:
     """The server's one-client latency and 8-client images/s, and the caption CLI's images/s."""
@@ -138,24 +177,9 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
     rows = [_row(f"caption CLI offline, beam {BEAM}, batch {SERVER_BATCH}", "caption_images", num_images,
                  _timed(lambda: list(caption_images(model, files, image_size, BEAM, max_len,
                                                      batch_size=SERVER_BATCH)), repeats), max_len=max_len)]
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "captioner.serve", f"ckpt_path={ckpt}", f"port={port}",
-                             f"beam={BEAM}", f"max_len={max_len}", f"max_batch_size={SERVER_BATCH}",
-                             f"paths.output_root={workdir / 'outputs'}"],
-                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start (exit code {proc.poll()})")
-            time.sleep(0.3)
+    overrides = [f"ckpt_path={ckpt}", f"beam={BEAM}", f"max_len={max_len}", f"max_batch_size={SERVER_BATCH}",
+                 f"paths.output_root={workdir / 'outputs'}"]
+    with running_server(overrides, Path(__file__).resolve().parent.parent) as url:
         blobs = [p.read_bytes() for p in files]
 
         def send(data: bytes) -> float:
@@ -178,12 +202,6 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
         rows.append(_row(f"server, {CLIENTS} clients, beam {BEAM}, batches <= {SERVER_BATCH}", "server",
                          num_images, _timed(clients, repeats), max_len=max_len))
         rows[-1]["vs_caption_cli"] = rows[-1]["value"] / rows[0]["value"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return rows
 
 

@@ -10,10 +10,6 @@ import asyncio
 import base64
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +19,7 @@ import requests
 import torch
 from PIL import Image
 
+from benchmarks.serving import running_server
 from captioner.caption import caption_images
 from captioner.serve import Batcher
 from test_caption import picture, save_checkpoint, tiny_model, write_bad_images, write_good_images
@@ -49,12 +46,6 @@ def varied_model(**encoder):
     return model.eval()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``python -m captioner.serve`` on a free loopback port with a tiny checkpoint; yields
@@ -63,35 +54,12 @@ def served(tmp_path_factory):
     ckpt = save_checkpoint(varied_model(), root / "model.ckpt")
     good = [p for p in write_good_images(root / "images") if p.name != "g_large.png"]
     bad = write_bad_images(root / "images")
-    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "captioner.serve", f"ckpt_path={ckpt}", f"port={port}", f"beam={BEAM}",
-         f"max_len={MAX_LEN}", "max_batch_size=4", "batch_timeout=0.5", f"max_pixels={MAX_PIXELS}",
-         "max_bytes=200000", "threads=1", f"paths.output_root={root / 'outputs'}"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not answer /health within 180 s")
-            time.sleep(0.3)
+    overrides = [f"ckpt_path={ckpt}", f"beam={BEAM}", f"max_len={MAX_LEN}", "max_batch_size=4", "batch_timeout=0.5",
+                 f"max_pixels={MAX_PIXELS}", "max_bytes=200000", "threads=1",
+                 f"paths.output_root={root / 'outputs'}"]
+    with running_server(overrides, root, env, startup_s=180) as url:
         yield url, ckpt, good, bad
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
