@@ -120,11 +120,15 @@ def backend_rows(name: str, model, image_size: int, workdir: Path, repeats: int,
                 {"beam_size": BEAM, "max_len": max_len}, source="random weights")
     onnx_model = OnnxCaptioner(folder)
     rows = []
-    for batch in batches:
-        calls = max(1, 8 // batch)  # batch 1: 8 images per timed run
-        images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
-        for impl, generate in (("pytorch", model.captioner.generate), ("onnxruntime", onnx_model.generate)):
-            def run(generate=generate):
+    # PyTorch's rows first: ONNX Runtime's worker threads, once they have run, compete with
+    # PyTorch's for the cores (measured: PyTorch several times slower after an ONNX Runtime row
+    # on a 2-core CPU). Rows of one model share a process; run.py's rows use fresh ones.
+    for impl, generate in (("pytorch", model.captioner.generate), ("onnxruntime", onnx_model.generate)):
+        for batch in batches:
+            calls = max(1, 8 // batch)  # batch 1: 8 images per timed run
+            images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+
+            def run(generate=generate, images=images, calls=calls):
                 for _ in range(calls):
                     generate(images, beam_size=BEAM, max_len=max_len)
             rows.append(_row(f"{name} beam {BEAM}, batch {batch}", impl, batch * calls,
