@@ -6,7 +6,9 @@ the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs i
 (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with 0/1/2 worker
 processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB, peak RSS for
 a small and a large Karpathy JSON) and ``loader`` (``CaptionH5Dataset`` + DataLoader images/s by
-worker count). Every number is the median of
+worker count), ``scst`` (the CIDEr-D reward's captions/s next to pycocoevalcap's, its
+share of an SCST step) and ``serving`` (PyTorch vs ONNX Runtime images/s, the HTTP server's
+latency and throughput next to the caption CLI). Every number is the median of
 ``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
 loader-in-the-loop rows on CUDA after 160), with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decode, loader, scst, train
+from benchmarks import decode, loader, scst, serving, train
 from benchmarks.equivalence import check_equivalence
 from benchmarks.preprocess import DataSet, bench_preprocess, prepare_only
 from benchmarks.report import format_table, machine_info, ratios
@@ -57,6 +59,7 @@ class Context:
     train_rows: str | None  # --train-rows
     data: DataSet | None  # the preprocessed benchmark dataset, for families in NEEDS_DATA
     quick: bool = False  # --quick
+    workdir: Path | None = None  # a scratch folder for the run (--workdir or a temp folder)
 
 
 # The families after ``preprocess`` (which also prepares the dataset the others read), run in
@@ -72,7 +75,10 @@ FAMILIES: dict[str, Callable[[Context], list[dict]]] = {
                                            max(ctx.loader_workers), ctx.train_rows),
     "decode": lambda ctx: decode.bench_decode(ctx.sizes, ctx.device, ctx.repeats),
     "scst": lambda ctx: scst.scst_rows(ctx.repeats, ctx.quick),
+    "serving": lambda ctx: serving.serving_rows(ctx.quick, ctx.repeats, ctx.workdir),
 }
+# Ratios a family computes from its own rows (next to benchmarks.report.TARGETS).
+FAMILY_RATIOS: list[Callable[[list[dict]], list[dict]]] = [serving.serving_ratios]
 NEEDS_DATA = {"loader", "train"}
 GROUPS = ("preprocess", *FAMILIES)
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         ctx = Context(sizes, device, args.repeats, workers_list, args.train_rows, data=None,
-                      quick=args.quick)
+                      quick=args.quick, workdir=workdir)
         if "preprocess" in groups:
             prep_rows, ctx.data = bench_preprocess(sizes, args.repeats, workdir)
             rows += prep_rows
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    ratio_rows = ratios(rows)
+    ratio_rows = ratios(rows) + [r for family in FAMILY_RATIOS for r in family(rows)]
     print()
     print(format_table(rows, ratio_rows))
     report = {"machine": machine_info(device), "quick": args.quick, "repeats": args.repeats,

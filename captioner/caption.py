@@ -2,6 +2,7 @@
 
     python -m captioner.caption image=path/to/file_or_folder [ckpt_path=...] [beam=5] \\
         [attention=true] [recursive=false] [output_dir=...]
+    python -m captioner.caption image=... backend=onnx [model_dir=...]   # an export, in ONNX Runtime
 
 ``image`` is a file, a folder (its image files, sorted; ``recursive=true`` descends) or a list
 ``image=[a.jpg,photos]``. Hydra reads a number-like name as a number (``2023`` stays ``2023``,
@@ -41,6 +42,7 @@ from torch import Tensor
 from captioner.data.images import DEFAULT_DRAFT_MIN_RATIO, IMAGE_ERRORS, load_image
 from captioner.models import Captioner
 from captioner.files import write_json_atomic
+from captioner.onnx_model import OnnxCaptioner
 from captioner.vocab import END, WordMap
 
 
@@ -112,10 +114,13 @@ def find_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _unwrap(model: Any, word_map: WordMap | dict[str, int] | None) -> tuple[Captioner, WordMap]:
+def _unwrap(model: Any, word_map: WordMap | dict[str, int] | None) -> tuple[Captioner | OnnxCaptioner, WordMap]:
     captioner = getattr(model, "captioner", model)
+    if isinstance(captioner, OnnxCaptioner):
+        return captioner, captioner.word_map
     if not isinstance(captioner, Captioner):
-        raise TypeError(f"model must be a Captioner or a CaptioningModule, got {type(model).__name__}")
+        raise TypeError(f"model must be a Captioner, a CaptioningModule or an OnnxCaptioner, got "
+                        f"{type(model).__name__}")
     word_map = word_map if word_map is not None else getattr(model, "word_map", None)
     if word_map is None:
         raise ValueError("caption_images needs a word map: pass word_map= or a CaptioningModule loaded "
@@ -141,7 +146,8 @@ def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: i
     is put in eval mode (no dropout).
 
     Args:
-        model: a ``Captioner``, or a ``CaptioningModule`` (its ``captioner`` and ``word_map``).
+        model: a ``Captioner``, a ``CaptioningModule`` (its ``captioner`` and ``word_map``), or
+            an :class:`~captioner.onnx_model.OnnxCaptioner` (an export run by ONNX Runtime).
         paths: image files.
         image_size: S, the side the model was trained on (the checkpoint's ``data.image_size``).
         beam_size: K; 1 is greedy search.
@@ -159,7 +165,8 @@ def caption_images(model: Any, paths: Sequence[str | os.PathLike], image_size: i
         raise ValueError(f"image_size, beam_size, max_len and batch_size must be >= 1, got {image_size}, "
                          f"{beam_size}, {max_len}, {batch_size}")
     captioner, word_map = _unwrap(model, word_map)
-    captioner.eval()
+    if isinstance(captioner, Captioner):
+        captioner.eval()
     paths = [Path(p) for p in paths]
     for start in range(0, len(paths), batch_size):
         results = [CaptionResult(path) for path in paths[start:start + batch_size]]
@@ -253,6 +260,64 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class LoadedModel:
+    """A model ready to caption, from a checkpoint (``backend=torch``) or an export (``onnx``).
+
+    Attributes:
+        model: a ``CaptioningModule`` in eval mode on its device, or an ``OnnxCaptioner``;
+            either goes to :func:`caption_images`, and ``model.word_map`` is its word map.
+        word_map: the word map.
+        image_size: S, the side images are resized to.
+        draft_min_ratio: the training data's JPEG draft setting.
+        source: the checkpoint file or the export folder.
+    """
+
+    model: Any
+    word_map: WordMap
+    image_size: int
+    draft_min_ratio: float | None
+    source: Path
+
+
+def load_model(cfg: DictConfig) -> LoadedModel:
+    """The model that ``cfg`` names: ``backend=torch`` loads ``ckpt_path`` (default: the latest
+    run's best checkpoint) on ``device``; ``backend=onnx`` opens the export in ``model_dir``
+    (default: ``{paths.output_root}/export/latest``) in ONNX Runtime.
+
+    Raises:
+        FileNotFoundError: the checkpoint or export does not exist.
+        ValueError: an unknown backend, or a checkpoint without ``data.image_size``.
+    """
+    from captioner.run import resolve_checkpoint
+
+    backend = cfg.get("backend", "torch")
+    if backend == "onnx":
+        model_dir = Path(cfg.get("model_dir") or Path(cfg.paths.output_root) / "export" / "latest")
+        model = OnnxCaptioner(model_dir, threads=cfg.get("threads"))
+        return LoadedModel(model, model.word_map, int(cfg.get("image_size") or model.image_size),
+                           model.draft_min_ratio, model_dir)
+    if backend != "torch":
+        raise ValueError(f"backend={backend!r}: use backend=torch (a checkpoint) or backend=onnx "
+                         f"(a folder written by python -m captioner.export, model_dir=...)")
+    from captioner.checkpoints import MODEL_KEYS, load_checkpoint
+    from captioner.lit_module import CaptioningModule
+
+    ckpt_path = resolve_checkpoint(cfg)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass ckpt_path=path/to/model.ckpt")
+    load_checkpoint(ckpt_path, mmap=True, required=MODEL_KEYS)  # CheckpointError naming an unreadable file
+    device = _device(cfg.get("device", "auto"))
+    model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True).eval()
+    data_cfg = (model.run_config or {}).get("data") or {}
+    image_size = cfg.get("image_size") or data_cfg.get("image_size")
+    if not image_size:
+        raise ValueError(f"{ckpt_path} stores no data.image_size in its config; pass image_size=S, the "
+                         f"side of the images it was trained on")
+    return LoadedModel(model, model.word_map, int(image_size),
+                       data_cfg.get("draft_min_ratio", DEFAULT_DRAFT_MIN_RATIO), Path(ckpt_path))
+
+
 def caption(cfg: DictConfig) -> int:
     """Caption ``cfg.image`` with the checkpoint ``cfg.ckpt_path`` (default: latest run's best).
 
@@ -263,23 +328,12 @@ def caption(cfg: DictConfig) -> int:
     Returns:
         The number of inputs that failed (0 = all captioned).
     """
-    from captioner.checkpoints import MODEL_KEYS, load_checkpoint
-    from captioner.lit_module import CaptioningModule
-    from captioner.run import output_dir, resolve_checkpoint
+    from captioner.run import output_dir
 
     if cfg.get("image") in (None, "", "???"):
         raise ValueError("nothing to caption: pass image=path/to/file_or_folder (or image=[a.jpg,b.png])")
-    ckpt_path = resolve_checkpoint(cfg)
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass ckpt_path=path/to/model.ckpt")
-    load_checkpoint(ckpt_path, mmap=True, required=MODEL_KEYS)  # CheckpointError naming an unreadable file
-    device = _device(cfg.get("device", "auto"))
-    model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
-    data_cfg = (model.run_config or {}).get("data") or {}
-    image_size = cfg.get("image_size") or data_cfg.get("image_size")
-    if not image_size:
-        raise ValueError(f"{ckpt_path} stores no data.image_size in its config; pass image_size=S, the "
-                         f"side of the images it was trained on")
+    loaded = load_model(cfg)
+    model, image_size, ckpt_path = loaded.model, loaded.image_size, loaded.source
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else output_dir(cfg)
     print(f"Captioning with {ckpt_path} (beam {cfg.beam}, images resized to {image_size}x{image_size})",
           file=sys.stderr)
@@ -293,8 +347,7 @@ def caption(cfg: DictConfig) -> int:
     for result, name in zip(caption_images(model, paths, int(image_size), cfg.beam, cfg.max_len,
                                            length_penalty=cfg.get("length_penalty", 0.0),
                                            batch_size=cfg.get("batch_size", 16),
-                                           draft_min_ratio=data_cfg.get("draft_min_ratio",
-                                                                        DEFAULT_DRAFT_MIN_RATIO)),
+                                           draft_min_ratio=loaded.draft_min_ratio),
                           names):
         record: dict[str, Any] = {"path": str(result.path)}
         if not result.ok:
@@ -308,7 +361,7 @@ def caption(cfg: DictConfig) -> int:
                 from captioner.visualize import save_attention_figure
 
                 figure = out_dir / "attention" / name
-                save_attention_figure(result.image, result.figure_words(model.word_map), result.alphas,
+                save_attention_figure(result.image, result.figure_words(loaded.word_map), result.alphas,
                                       figure, smooth=cfg.get("smooth", True),
                                       words_per_row=cfg.get("words_per_row", 5))
                 record["figure"] = str(figure)

@@ -28,7 +28,9 @@ import os
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -57,7 +59,7 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- decoding
-def load_image(path: str | os.PathLike, image_size: int,
+def load_image(path: str | os.PathLike | BinaryIO, image_size: int,
                draft_min_ratio: float | None = DEFAULT_DRAFT_MIN_RATIO) -> np.ndarray:
     """Decode an image file to the tutorial's layout: plain resize to S x S, no crop.
 
@@ -68,7 +70,8 @@ def load_image(path: str | os.PathLike, image_size: int,
     applied (the tutorial does not either).
 
     Args:
-        path: an image file.
+        path: an image file, or a seekable binary file object holding one (an upload's
+            ``io.BytesIO``: the server decodes what it receives exactly as files are decoded).
         image_size: output side S.
         draft_min_ratio: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
             keeps at least ``ceil(draft_min_ratio * S)`` pixels per side; 1.0 never decodes
@@ -108,7 +111,7 @@ def _draft_scale(width: int, height: int, side: int) -> int:
 _FAST_COLORSPACES = ("YCbCr", "Gray")
 
 
-def _decode_jpeg(path: str | os.PathLike, image_size: int,
+def _decode_jpeg(path: str | os.PathLike | BinaryIO, image_size: int,
                  draft_min_ratio: float | None) -> np.ndarray | None:
     """(H, W, 3) uint8 through ``simplejpeg`` at PIL's draft scale, or None to let PIL decode.
 
@@ -117,11 +120,14 @@ def _decode_jpeg(path: str | os.PathLike, image_size: int,
     with (``strict``: also recoverable ones, such as a truncated file): PIL decides about
     those, so errors and accepted files are exactly PIL's.
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") if not hasattr(path, "read") else nullcontext(path) as f:
+        f.seek(0)
         if f.read(3) != b"\xff\xd8\xff":  # not a JPEG: PIL reads it
+            f.seek(0)  # a file object is handed to PIL at its start
             return None
         f.seek(0)
         data = f.read()
+        f.seek(0)
     limit = Image.MAX_IMAGE_PIXELS  # None when the user turned PIL's check off
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
