@@ -175,22 +175,34 @@ class CaptioningModule(L.LightningModule):
             raise RuntimeError("CaptioningModule has no word map: pass word_map= or load a checkpoint")
         return self.word_map
 
-    def _teacher_forced(self, batch: dict[str, Any]):
-        out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
+    def _teacher_forced(self, batch: dict[str, Any], features: torch.Tensor | None = None):
+        """Loss terms, top-5 accuracy and caption rows of a batch; ``features`` (B, P, D) from
+        ``captioner.encode`` skip the encoder pass."""
+        if features is None:
+            out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
+        else:
+            out = self.captioner.forward_features(features, batch["captions"], batch["lengths"])
         losses = caption_loss(out.logits, out.targets, out.mask, out.alphas, self.hparams.alpha_c)
         top5 = topk_accuracy(out.logits, out.targets, out.mask, k=5)
         return losses, top5, int(out.mask.shape[0])
 
-    def _search(self, images: torch.Tensor, search: dict[str, Any]) -> list[Hypothesis]:
-        """Best hypothesis per image with the given search settings (val_search/test_search)."""
+    def _search(self, images: torch.Tensor | None, search: dict[str, Any], *,
+                features: torch.Tensor | None = None,
+                return_alphas: bool = True) -> list[Hypothesis]:
+        """Best hypothesis per image with the given search settings (val_search/test_search),
+        from ``images`` or from their ``features`` (B, P, D)."""
         hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
-                                       length_penalty=search.get("length_penalty", 0.0))
+                                       length_penalty=search.get("length_penalty", 0.0),
+                                       features=features, return_alphas=return_alphas)
         return [h[0] for h in hyps]
 
-    def generate_words(self, images: torch.Tensor, search: dict[str, Any]) -> list[list[str]]:
-        """Best caption per image as words, with the given search settings."""
+    def generate_words(self, images: torch.Tensor | None, search: dict[str, Any], *,
+                       features: torch.Tensor | None = None) -> list[list[str]]:
+        """Best caption per image as words, with the given search settings, from ``images``
+        or from their ``features`` (B, P, D)."""
         word_map = self._require_word_map()
-        return [word_map.decode(h.tokens) for h in self._search(images, search)]
+        hyps = self._search(images, search, features=features, return_alphas=False)
+        return [word_map.decode(h.tokens) for h in hyps]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -236,10 +248,12 @@ class CaptioningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any]) -> None:
-        losses, top5, num_captions = self._teacher_forced(batch)
+        # One encoder pass per image: its features feed the teacher-forced loss and the search.
+        features = self.captioner.encode(batch["images"])
+        losses, top5, num_captions = self._teacher_forced(batch, features)
         self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
         self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
-        hypotheses = self.generate_words(batch["images"], search)
+        hypotheses = self.generate_words(None, search, features=features)
         self._captions.update(batch["image_ids"], hypotheses, batch["references"])
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
