@@ -6,7 +6,8 @@ the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs i
 (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with 0/1/2 worker
 processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB, peak RSS for
 a small and a large Karpathy JSON) and ``loader`` (``CaptionH5Dataset`` + DataLoader images/s by
-worker count). Every number is the median of
+worker count) and ``evaluate`` (``evaluate.py`` end to end next to ``generate`` alone and the
+tutorial's eval loop, see ``benchmarks/evaluate_loop.py``). Every number is the median of
 ``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
 loader-in-the-loop rows on CUDA after 160), with the min..max spread. Results are printed
 as a table and written as JSON to ``benchmarks/results/<machine>-<time>.json``.
@@ -47,14 +48,16 @@ import numpy as np
 import torch
 
 try:
+    from benchmarks import evaluate_loop
     from benchmarks import tutorial_reference as tut
 except ImportError:  # run as a script: python benchmarks/run.py
+    import evaluate_loop  # type: ignore[no-redef]
     import tutorial_reference as tut  # type: ignore[no-redef]
 
 from captioner.losses import caption_loss
 from captioner.files import write_json_atomic
 
-GROUPS = ("preprocess", "loader", "train", "decode")
+GROUPS = ("preprocess", "loader", "train", "decode", "evaluate")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval
 # PyTorch's allocator setting for varying tensor sizes, tried on the CUDA loader rows.
@@ -1297,14 +1300,17 @@ def main(argv: list[str] | None = None) -> int:
             prep_rows, data = bench_preprocess(sizes, args.repeats, workdir)
             rows += prep_rows
             print(format_table(prep_rows, []), flush=True)
-        if data is None and ("loader" in groups or "train" in groups):
+        if data is None and {"loader", "train", "evaluate"} & set(groups):
             data = prepare_only(sizes, workdir)
         # Each group's table is printed as soon as it is measured, so a run stopped early
         # (a time limit on a lent GPU machine) still leaves its finished rows in the log.
         measured = {"loader": lambda: bench_loader(sizes, device, args.repeats, data, workers_list),
                     "train": lambda: bench_train(sizes, device, args.repeats, data,
                                                  max(workers_list), args.train_rows),
-                    "decode": lambda: bench_decode(sizes, device, args.repeats)}
+                    "decode": lambda: bench_decode(sizes, device, args.repeats),
+                    # evaluate.py end to end (benchmarks/evaluate_loop.py)
+                    "evaluate": lambda: evaluate_loop.bench_evaluate(sizes, device, args.repeats,
+                                                                     data, workdir)}
         for group in (g for g in GROUPS if g in measured and g in groups):
             group_rows = measured[group]()
             rows += group_rows
@@ -1313,7 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    ratio_rows = ratios(rows)
+    ratio_rows = ratios(rows) + evaluate_loop.ratio_rows(rows)
     print()
     print(format_table(rows, ratio_rows))
     report = {"machine": machine_info(device), "quick": args.quick, "repeats": args.repeats,
