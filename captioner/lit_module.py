@@ -97,6 +97,9 @@ class CaptioningModule(L.LightningModule):
             validation without a ``val/bleu4`` improvement (and every ``lr_patience`` after).
         val_search, test_search: ``beam_size``, ``max_len``, ``length_penalty`` used to generate
             the captions that BLEU scores (validation is free-running, never teacher forced).
+        test_loss: log ``test/loss`` and ``test/top5`` (a teacher-forced pass over every
+            reference caption, about as costly as the beam search) in the test step;
+            ``evaluate.py``, which reports the captions' scores only, turns it off.
         num_log_examples: val images whose captions are logged each validation.
         image_mean, image_std: normalisation applied on the device to uint8 images.
         data: small dict describing the data the model was trained on (name, fingerprint, ...).
@@ -124,6 +127,7 @@ class CaptioningModule(L.LightningModule):
         lr_patience: int = 8,
         val_search: dict[str, Any] | None = None,
         test_search: dict[str, Any] | None = None,
+        test_loss: bool = True,
         num_log_examples: int = 8,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
@@ -247,12 +251,14 @@ class CaptioningModule(L.LightningModule):
             self.log("train/top5_epoch", top5, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any]) -> None:
+    def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any],
+                   loss: bool = True) -> None:
         # One encoder pass per image: its features feed the teacher-forced loss and the search.
         features = self.captioner.encode(batch["images"])
-        losses, top5, num_captions = self._teacher_forced(batch, features)
-        self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
-        self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
+        if loss:
+            losses, top5, num_captions = self._teacher_forced(batch, features)
+            self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
+            self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
         hypotheses = self.generate_words(None, search, features=features)
         self._captions.update(batch["image_ids"], hypotheses, batch["references"])
 
@@ -287,7 +293,7 @@ class CaptioningModule(L.LightningModule):
         self.test_results = None
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_search)
+        self._eval_step(batch, "test", self.test_search, loss=self.hparams.test_loss)
 
     def on_test_epoch_end(self) -> None:
         scores = self._eval_epoch_end("test")

@@ -179,28 +179,37 @@ def test_evaluate_cli_multirun_over_beams(trained, tmp_path):
 # ---------------------------------------------------------------------- one encoder pass
 @pytest.fixture
 def encoder_passes(monkeypatch):
-    """Images encoded by each validation and test batch: ``{"val": [...], "test": [...]}``, one
-    ``(batch size, [images of each encoder call])`` per batch, however Lightning runs them."""
+    """What each validation and test batch ran, however Lightning runs them: ``{"val": [...],
+    "test": [...]}``, one ``(batch size, [images of each encoder call], teacher-forced decoder
+    passes)`` per batch."""
     from captioner.lit_module import CaptioningModule
+    from captioner.models.decoder import AttentionLSTMDecoder
     from captioner.models.encoder import ImageEncoder
 
     calls: list[int] = []
-    batches: dict[str, list[tuple[int, list[int]]]] = {"val": [], "test": []}
-    encoder_forward = ImageEncoder.forward
+    teacher_forced: list[int] = []
+    batches: dict[str, list[tuple[int, list[int], int]]] = {"val": [], "test": []}
+    encoder_forward, decoder_forward = ImageEncoder.forward, AttentionLSTMDecoder.forward
 
-    def counting_forward(self, images):
+    def counting_encoder(self, images):
         calls.append(images.size(0))
         return encoder_forward(self, images)
 
+    def counting_decoder(self, *args, **kwargs):
+        teacher_forced.append(1)
+        return decoder_forward(self, *args, **kwargs)
+
     def counted(stage: str, step):
         def wrapper(self, batch, batch_idx):
-            start = len(calls)
+            start, passes = len(calls), len(teacher_forced)
             result = step(self, batch, batch_idx)
-            batches[stage].append((batch["images"].size(0), calls[start:]))
+            batches[stage].append((batch["images"].size(0), calls[start:],
+                                   len(teacher_forced) - passes))
             return result
         return wrapper
 
-    monkeypatch.setattr(ImageEncoder, "forward", counting_forward)
+    monkeypatch.setattr(ImageEncoder, "forward", counting_encoder)
+    monkeypatch.setattr(AttentionLSTMDecoder, "forward", counting_decoder)
     monkeypatch.setattr(CaptioningModule, "validation_step",
                         counted("val", CaptioningModule.validation_step))
     monkeypatch.setattr(CaptioningModule, "test_step", counted("test", CaptioningModule.test_step))
@@ -210,16 +219,17 @@ def encoder_passes(monkeypatch):
 def test_every_validation_and_test_batch_encodes_its_images_once(tmp_path, encoder_passes):
     """train.py's validation and test, and evaluate.py, with the default loaders (2 persistent
     workers): the encoder runs once per batch, on that batch's images; its features serve both
-    the teacher-forced loss and the search."""
+    the teacher-forced loss and the search. evaluate.py, which reports no loss, runs no
+    teacher-forced pass."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.num_workers=")]
     cfg = compose("train", overrides + [f"model.test_search.beam_size={BEAM}", "logger=csv"])
     assert cfg.data.num_workers == 2 and cfg.data.persistent_workers  # the defaults
     metrics = run.train(cfg)
-    assert 0.0 <= metrics["test/bleu4"] <= 1.0
+    assert "test/loss" in metrics and 0.0 <= metrics["test/bleu4"] <= 1.0
     val, test = encoder_passes["val"], encoder_passes["test"]
-    assert sum(size for size, _ in val) == 16 + 16  # the sanity check's 2 batches, then the epoch
-    assert sum(size for size, _ in test) == 16
-    assert all(calls == [size] for size, calls in val + test), val + test
+    assert sum(size for size, _, _ in val) == 16 + 16  # the sanity check's 2 batches, then the epoch
+    assert sum(size for size, _, _ in test) == 16
+    assert all(calls == [size] and passes == 1 for size, calls, passes in val + test), val + test
 
     encoder_passes["test"].clear()
     summary = run.evaluate(compose("evaluate", [
@@ -229,5 +239,4 @@ def test_every_validation_and_test_batch_encodes_its_images_once(tmp_path, encod
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]))
     assert summary["num_images"] == 16
     assert float32(summary["metrics"]["bleu4_nltk"]) == metrics["test/bleu4"]
-    assert [size for size, _ in encoder_passes["test"]] == [8, 8]
-    assert all(calls == [size] for size, calls in encoder_passes["test"])
+    assert encoder_passes["test"] == [(8, [8], 0), (8, [8], 0)]
