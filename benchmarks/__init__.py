@@ -11,7 +11,7 @@ Modules, by concern (the library's layout, for the benchmarks):
 - ``tutorial_reference``: our re-implementation of the tutorial's hot paths.
 - ``equivalence``: the check that the reference and ours compute the same things.
 - one module per family: ``preprocess``, ``loader``, ``train`` (+ ``lightning_loop``),
-  ``decode``, ``scst``, ``serving``.
+  ``decode``, ``evaluate_loop``, ``scst``, ``serving``.
 - ``report``: the ratios to the tutorial and to the targets (``TARGETS``), and the table.
 - ``calls``: ATen calls per training step (``python -m benchmarks.calls``).
 

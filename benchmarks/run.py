@@ -6,7 +6,8 @@ the loop, and that row run by Lightning's ``Trainer.fit`` as ``train.py`` runs i
 (greedy and beam-5 images/s), ``preprocess`` (JPEG -> HDF5 images/s with 0/1/2 worker
 processes, full decode vs draft mode, a plain PIL loop, draft-mode fidelity in dB, peak RSS for
 a small and a large Karpathy JSON) and ``loader`` (``CaptionH5Dataset`` + DataLoader images/s by
-worker count), ``scst`` (the CIDEr-D reward's captions/s next to pycocoevalcap's, its
+worker count), ``evaluate`` (``evaluate.py`` end to end next to ``generate`` alone and the tutorial's eval loop),
+``scst`` (the CIDEr-D reward's captions/s next to pycocoevalcap's, its
 share of an SCST step) and ``serving`` (PyTorch vs ONNX Runtime images/s, the HTTP server's
 latency and throughput next to the caption CLI). Every number is the median of
 ``--repeats`` timed runs after one warm-up run (training rows: after two warm-up steps; the
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decode, loader, scst, serving, train
+from benchmarks import decode, evaluate_loop, loader, scst, serving, train
 from benchmarks.equivalence import check_equivalence
 from benchmarks.preprocess import DataSet, bench_preprocess, prepare_only
 from benchmarks.report import format_table, machine_info, ratios
@@ -74,12 +75,14 @@ FAMILIES: dict[str, Callable[[Context], list[dict]]] = {
     "train": lambda ctx: train.bench_train(ctx.sizes, ctx.device, ctx.repeats, ctx.data,
                                            max(ctx.loader_workers), ctx.train_rows),
     "decode": lambda ctx: decode.bench_decode(ctx.sizes, ctx.device, ctx.repeats),
+    "evaluate": lambda ctx: evaluate_loop.bench_evaluate(ctx.sizes, ctx.device, ctx.repeats, ctx.data,
+                                                         ctx.workdir),
     "scst": lambda ctx: scst.scst_rows(ctx.repeats, ctx.quick),
     "serving": lambda ctx: serving.serving_rows(ctx.quick, ctx.repeats, ctx.workdir),
 }
 # Ratios a family computes from its own rows (next to benchmarks.report.TARGETS).
-FAMILY_RATIOS: list[Callable[[list[dict]], list[dict]]] = [serving.serving_ratios]
-NEEDS_DATA = {"loader", "train"}
+FAMILY_RATIOS: list[Callable[[list[dict]], list[dict]]] = [evaluate_loop.ratio_rows, serving.serving_ratios]
+NEEDS_DATA = {"loader", "train", "evaluate"}
 GROUPS = ("preprocess", *FAMILIES)
 
 

@@ -106,6 +106,9 @@ class CaptioningModule(L.LightningModule):
             validation without an improvement of :attr:`monitor` (and every ``lr_patience`` after).
         val_search, test_search: ``beam_size``, ``max_len``, ``length_penalty`` used to generate
             the captions that BLEU scores (validation is free-running, never teacher forced).
+        test_loss: log ``test/loss`` and ``test/top5`` (a teacher-forced pass over every
+            reference caption, about as costly as the beam search) in the test step;
+            ``evaluate.py``, which reports the captions' scores only, turns it off.
         num_log_examples: val images whose captions are logged each validation.
         image_mean, image_std: normalisation applied on the device to uint8 images.
         data: small dict describing the data the model was trained on (name, fingerprint, ...).
@@ -142,6 +145,7 @@ class CaptioningModule(L.LightningModule):
         lr_patience: int = 8,
         val_search: dict[str, Any] | None = None,
         test_search: dict[str, Any] | None = None,
+        test_loss: bool = True,
         num_log_examples: int = 8,
         image_mean: Sequence[float] = (0.485, 0.456, 0.406),
         image_std: Sequence[float] = (0.229, 0.224, 0.225),
@@ -215,22 +219,34 @@ class CaptioningModule(L.LightningModule):
             raise RuntimeError("CaptioningModule has no word map: pass word_map= or load a checkpoint")
         return self.word_map
 
-    def _teacher_forced(self, batch: dict[str, Any]):
-        out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
+    def _teacher_forced(self, batch: dict[str, Any], features: torch.Tensor | None = None):
+        """Loss terms, top-5 accuracy and caption rows of a batch; ``features`` (B, P, D) from
+        ``captioner.encode`` skip the encoder pass."""
+        if features is None:
+            out = self.captioner(batch["images"], batch["captions"], batch["lengths"])
+        else:
+            out = self.captioner.forward_features(features, batch["captions"], batch["lengths"])
         losses = caption_loss(out.logits, out.targets, out.mask, out.alphas, self.hparams.alpha_c)
         top5 = topk_accuracy(out.logits, out.targets, out.mask, k=5)
         return losses, top5, int(out.mask.shape[0])
 
-    def _search(self, images: torch.Tensor, search: dict[str, Any]) -> list[Hypothesis]:
-        """Best hypothesis per image with the given search settings (val_search/test_search)."""
+    def _search(self, images: torch.Tensor | None, search: dict[str, Any], *,
+                features: torch.Tensor | None = None,
+                return_alphas: bool = True) -> list[Hypothesis]:
+        """Best hypothesis per image with the given search settings (val_search/test_search),
+        from ``images`` or from their ``features`` (B, P, D)."""
         hyps = self.captioner.generate(images, beam_size=search["beam_size"], max_len=search["max_len"],
-                                       length_penalty=search.get("length_penalty", 0.0))
+                                       length_penalty=search.get("length_penalty", 0.0),
+                                       features=features, return_alphas=return_alphas)
         return [h[0] for h in hyps]
 
-    def generate_words(self, images: torch.Tensor, search: dict[str, Any]) -> list[list[str]]:
-        """Best caption per image as words, with the given search settings."""
+    def generate_words(self, images: torch.Tensor | None, search: dict[str, Any], *,
+                       features: torch.Tensor | None = None) -> list[list[str]]:
+        """Best caption per image as words, with the given search settings, from ``images``
+        or from their ``features`` (B, P, D)."""
         word_map = self._require_word_map()
-        return [word_map.decode(h.tokens) for h in self._search(images, search)]
+        hyps = self._search(images, search, features=features, return_alphas=False)
+        return [word_map.decode(h.tokens) for h in hyps]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -336,11 +352,15 @@ class CaptioningModule(L.LightningModule):
             self.log(name, second, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any]) -> None:
-        losses, top5, num_captions = self._teacher_forced(batch)
-        self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
-        self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
-        hypotheses = self.generate_words(batch["images"], search)
+    def _eval_step(self, batch: dict[str, Any], stage: str, search: dict[str, Any],
+                   loss: bool = True) -> None:
+        # One encoder pass per image: its features feed the teacher-forced loss and the search.
+        features = self.captioner.encode(batch["images"])
+        if loss:
+            losses, top5, num_captions = self._teacher_forced(batch, features)
+            self.log(f"{stage}/loss", losses.loss, sync_dist=True, batch_size=num_captions)
+            self.log(f"{stage}/top5", top5, sync_dist=True, batch_size=num_captions)
+        hypotheses = self.generate_words(None, search, features=features)
         self._captions.update(batch["image_ids"], hypotheses, batch["references"])
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
@@ -374,7 +394,7 @@ class CaptioningModule(L.LightningModule):
         self.test_results = None
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_search)
+        self._eval_step(batch, "test", self.test_search, loss=self.hparams.test_loss)
 
     def on_test_epoch_end(self) -> None:
         scores = self._eval_epoch_end("test")

@@ -492,8 +492,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(data_cfg, eval_batch_size=cfg.batch_size, _convert_="all")
     datamodule.prepare_data()
     search = {"beam_size": cfg.beam, "max_len": cfg.max_len, "length_penalty": cfg.length_penalty}
+    # The scores come from the search alone: no teacher-forced test/loss pass (test_loss).
     model = CaptioningModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True,
-                                                  word_map=datamodule.word_map, test_search=search)
+                                                  word_map=datamodule.word_map, test_search=search,
+                                                  test_loss=False)
     bars = [ImageRateProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=bars, _convert_="all")
     configure_allocator(cfg.get("keep_freed_memory", "auto"), trainer)

@@ -174,3 +174,69 @@ def test_evaluate_cli_multirun_over_beams(trained, tmp_path):
         assert Path(s["checkpoint"]) == trained["best"].resolve() and s["num_images"] == 16
     beam2 = next(s for s in summaries if s["search"]["beam_size"] == BEAM)
     assert beam2["metrics"]["bleu4_nltk"] == trained["test_results"]["scores"]["bleu4"]
+
+
+# ---------------------------------------------------------------------- one encoder pass
+@pytest.fixture
+def encoder_passes(monkeypatch):
+    """What each validation and test batch ran, however Lightning runs them: ``{"val": [...],
+    "test": [...]}``, one ``(batch size, [images of each encoder call], teacher-forced decoder
+    passes)`` per batch."""
+    from captioner.lit_module import CaptioningModule
+    from captioner.models.decoder import AttentionLSTMDecoder
+    from captioner.models.encoder import ImageEncoder
+
+    calls: list[int] = []
+    teacher_forced: list[int] = []
+    batches: dict[str, list[tuple[int, list[int], int]]] = {"val": [], "test": []}
+    encoder_forward, decoder_forward = ImageEncoder.forward, AttentionLSTMDecoder.forward
+
+    def counting_encoder(self, images):
+        calls.append(images.size(0))
+        return encoder_forward(self, images)
+
+    def counting_decoder(self, *args, **kwargs):
+        teacher_forced.append(1)
+        return decoder_forward(self, *args, **kwargs)
+
+    def counted(stage: str, step):
+        def wrapper(self, batch, batch_idx):
+            start, passes = len(calls), len(teacher_forced)
+            result = step(self, batch, batch_idx)
+            batches[stage].append((batch["images"].size(0), calls[start:],
+                                   len(teacher_forced) - passes))
+            return result
+        return wrapper
+
+    monkeypatch.setattr(ImageEncoder, "forward", counting_encoder)
+    monkeypatch.setattr(AttentionLSTMDecoder, "forward", counting_decoder)
+    monkeypatch.setattr(CaptioningModule, "validation_step",
+                        counted("val", CaptioningModule.validation_step))
+    monkeypatch.setattr(CaptioningModule, "test_step", counted("test", CaptioningModule.test_step))
+    return batches
+
+
+def test_every_validation_and_test_batch_encodes_its_images_once(tmp_path, encoder_passes):
+    """train.py's validation and test, and evaluate.py, with the default loaders (2 persistent
+    workers): the encoder runs once per batch, on that batch's images; its features serve both
+    the teacher-forced loss and the search. evaluate.py, which reports no loss, runs no
+    teacher-forced pass."""
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.num_workers=")]
+    cfg = compose("train", overrides + [f"model.test_search.beam_size={BEAM}", "logger=csv"])
+    assert cfg.data.num_workers == 2 and cfg.data.persistent_workers  # the defaults
+    metrics = run.train(cfg)
+    assert "test/loss" in metrics and 0.0 <= metrics["test/bleu4"] <= 1.0
+    val, test = encoder_passes["val"], encoder_passes["test"]
+    assert sum(size for size, _, _ in val) == 16 + 16  # the sanity check's 2 batches, then the epoch
+    assert sum(size for size, _, _ in test) == 16
+    assert all(calls == [size] and passes == 1 for size, calls, passes in val + test), val + test
+
+    encoder_passes["test"].clear()
+    summary = run.evaluate(compose("evaluate", [
+        f"paths.output_root={tmp_path / 'outputs'}", f"paths.output_dir={tmp_path / 'eval'}",
+        f"paths.data_dir={tmp_path / 'data'}", f"ckpt_path={cfg.paths.output_dir}/checkpoints/best.ckpt",
+        f"beam={BEAM}", f"max_len={MAX_LEN}", "batch_size=8", "trainer=cpu", "coco_metrics=false",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]))
+    assert summary["num_images"] == 16
+    assert float32(summary["metrics"]["bleu4_nltk"]) == metrics["test/bleu4"]
+    assert encoder_passes["test"] == [(8, [8], 0), (8, [8], 0)]

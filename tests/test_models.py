@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from captioner.models import (AdditiveAttention, AttentionLSTMDecoder, Captioner,
-                              ImageEncoder, load_glove_embeddings)
+                              CaptionerOutput, ImageEncoder, load_glove_embeddings)
 
 V, E, H, A = 12, 8, 16, 8
 PAD, START, END = 0, 10, 11
@@ -739,6 +739,50 @@ def test_beam_generation_returns_sorted_hypotheses_without_special_tokens():
             assert not {PAD, START, END} & set(hyp.tokens) and len(hyp.tokens) <= 5
     alone = model.generate(images[1:2], beam_size=3, max_len=5, num_return=2)
     assert [h.tokens for h in alone[0]] == [h.tokens for h in beams[1]]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_precomputed_features_give_what_images_give_without_another_encoder_pass(beam_size):
+    """encode once, then forward_features and generate(features=): validation's one pass."""
+    model = tiny_captioner().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    lengths = torch.tensor([[4, 6, 3], [5, 2, 4]])
+    captions = random_captions(lengths.flatten().tolist(), 7).view(2, 3, 7)
+    with torch.no_grad():
+        expected = model(images, captions, lengths)
+        hyps = model.generate(images, beam_size=beam_size, max_len=6, num_return=beam_size)
+        calls = []
+        model.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        features = model.encode(images)
+        out = model.forward_features(features, captions, lengths)
+        from_features = model.generate(features=features, beam_size=beam_size, max_len=6,
+                                       num_return=beam_size)
+        without_alphas = model.generate(features=features, beam_size=beam_size, max_len=6,
+                                        num_return=beam_size, return_alphas=False)
+    assert calls == [2]
+    for name in CaptionerOutput._fields:
+        assert torch.equal(getattr(out, name), getattr(expected, name)), name
+    for per_image in (from_features, without_alphas):
+        assert [[(h.tokens, h.score, h.finished) for h in hs] for hs in per_image] == \
+            [[(h.tokens, h.score, h.finished) for h in hs] for hs in hyps]
+    for a, b in zip(sum(from_features, []), sum(hyps, [])):
+        assert a.alphas.shape == (a.length, model.encoder.num_regions)
+        assert torch.equal(a.alphas, b.alphas)
+    assert all(h.alphas is None for h in sum(without_alphas, []))
+
+
+def test_generate_takes_images_or_features_not_both():
+    model = tiny_captioner().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    features = model.encode(images)
+    for kwargs in ({}, {"images": images, "features": features}):
+        with pytest.raises(ValueError, match="images .* or features .*exactly one"):
+            model.generate(**kwargs)
+    with pytest.raises(ValueError, match=r"features must be \(B, P, D\)"):
+        model.generate(features=features[0])
+    with pytest.raises(ValueError, match=r"features must be \(B, P, D\)"):
+        model.forward_features(features[0], torch.zeros(2, 1, 4, dtype=torch.long),
+                               torch.full((2, 1), 4))
 
 
 def test_importing_models_needs_neither_lightning_nor_hydra():

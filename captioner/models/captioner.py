@@ -92,6 +92,8 @@ class Captioner(nn.Module):
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor) -> CaptionerOutput:
         """Teacher-forced training pass; the encoder runs once per image for its k captions.
 
+        Equal to ``forward_features(encode(images), captions, lengths)``.
+
         Args:
             images: (B, 3, S, S) uint8 or float in [0, 1].
             captions: (B, k, T) int64, ``<start> .. <end> <pad>..``.
@@ -104,6 +106,28 @@ class Captioner(nn.Module):
         if captions.dim() != 3 or captions.size(0) != images.size(0):
             raise ValueError(f"captions must be (B, k, T) with B={images.size(0)}, "
                              f"got {tuple(captions.shape)}")
+        return self.forward_features(self.encode(images), captions, lengths)
+
+    def forward_features(self, features: Tensor, captions: Tensor,
+                         lengths: Tensor) -> CaptionerOutput:
+        """Teacher-forced pass over features :meth:`encode` already computed.
+
+        With :meth:`generate`'s ``features=``, one encoder pass serves both the loss and the
+        search (validation and test).
+
+        Args:
+            features: (B, P, D) region features from :meth:`encode`.
+            captions: (B, k, T) int64, ``<start> .. <end> <pad>..``.
+            lengths: (B, k) int64, caption lengths incl. <start>/<end>.
+
+        Returns:
+            CaptionerOutput as :meth:`forward` returns it.
+        """
+        if features.dim() != 3:
+            raise ValueError(f"features must be (B, P, D), got {tuple(features.shape)}")
+        if captions.dim() != 3 or captions.size(0) != features.size(0):
+            raise ValueError(f"captions must be (B, k, T) with B={features.size(0)}, "
+                             f"got {tuple(captions.shape)}")
         if tuple(lengths.shape) != tuple(captions.shape[:2]):
             raise ValueError(f"lengths must be (B, k) = {tuple(captions.shape[:2])}, "
                              f"got {tuple(lengths.shape)}")
@@ -113,7 +137,6 @@ class Captioner(nn.Module):
         # reads them on the host): with a loader's CPU batch no step waits for the GPU.
         captions = captions.to(device, non_blocking=True).reshape(batch * k, num_tokens)
         lengths = lengths.reshape(batch * k)
-        features = self.encode(images)
         out = self.decoder(features, captions, lengths, captions_per_image=k)
         steps = out.logits.size(1)
         targets = captions[:, 1:steps + 1]
@@ -122,28 +145,41 @@ class Captioner(nn.Module):
         return CaptionerOutput(out.logits, out.alphas, targets, mask)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, beam_size: int = 1, max_len: int = 50,
-                 length_penalty: float = 0.0, num_return: int = 1) -> list[list[Hypothesis]]:
+    def generate(self, images: Tensor | None = None, beam_size: int = 1, max_len: int = 50,
+                 length_penalty: float = 0.0, num_return: int = 1, *,
+                 features: Tensor | None = None,
+                 return_alphas: bool = True) -> list[list[Hypothesis]]:
         """Caption images with greedy (beam_size=1) or beam search.
 
         ``<pad>`` and ``<start>`` are never generated (their logits are masked before the
         log-softmax). The caller chooses train/eval mode (use eval for dropout-free search).
 
         Args:
-            images: (B, 3, S, S) uint8 or float in [0, 1].
+            images: (B, 3, S, S) uint8 or float in [0, 1]; or None with ``features``.
             beam_size: K; 1 runs greedy search.
             max_len: most tokens generated per caption (incl. <end>).
             length_penalty: passed to the beam search.
             num_return: hypotheses per image, best first (<= beam_size).
+            features: (B, P, D) region features from :meth:`encode`, instead of ``images``
+                (the encoder then does not run again).
+            return_alphas: keep each hypothesis' attention rows (for attention figures);
+                False leaves ``Hypothesis.alphas`` None and the search keeps no attention
+                history. The tokens and scores are the same either way.
 
         Returns:
             B lists of ``num_return`` Hypothesis (tokens without <start>/<end>, score,
-            alphas (L, P), finished).
+            alphas (L, P) or None, finished).
         """
         if beam_size < 1 or not 1 <= num_return <= beam_size:
             raise ValueError(f"need beam_size >= 1 and 1 <= num_return <= beam_size, got "
                              f"beam_size={beam_size}, num_return={num_return}")
-        features = self.encode(images)
+        if (images is None) == (features is None):
+            raise ValueError("generate takes images (B, 3, S, S) or features (B, P, D), "
+                             "exactly one of them")
+        if features is None:
+            features = self.encode(images)
+        elif features.dim() != 3:
+            raise ValueError(f"features must be (B, P, D), got {tuple(features.shape)}")
         projected = self.decoder.project(features)
         state = self.decoder.init_state(features)
         batch = features.size(0)
@@ -156,7 +192,7 @@ class Captioner(nn.Module):
         def step_fn(tokens: Tensor, state: DecoderState):
             out = self.decoder.step(tokens, DecoderState(*state), features, projected)
             logits = out.logits.float().index_fill_(1, banned, float("-inf"))  # a fresh tensor
-            return logits.log_softmax(dim=-1), out.state, out.alpha
+            return logits.log_softmax(dim=-1), out.state, out.alpha if return_alphas else None
 
         if beam_size == 1:
             hyps = greedy_search(step_fn, state, batch, self.start_id, self.end_id, max_len)
