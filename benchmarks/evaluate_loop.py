@@ -97,7 +97,7 @@ def write_checkpoint(sizes, data, folder: Path, path: Path) -> Path:
     """A train.py-style checkpoint of a random-weight model for the benchmark's word map."""
     import lightning
 
-    from captioner.convert_tutorial import save_checkpoint_atomic
+    from captioner.checkpoints import save_checkpoint
     from captioner.lit_module import CaptioningModule
     from captioner.vocab import WordMap
 
@@ -120,7 +120,7 @@ def write_checkpoint(sizes, data, folder: Path, path: Path) -> Path:
                   "pytorch-lightning_version": lightning.__version__, "epoch": 0,
                   "global_step": 0}
     model.on_save_checkpoint(checkpoint)
-    save_checkpoint_atomic(checkpoint, path)
+    save_checkpoint(checkpoint, path)
     return path
 
 
