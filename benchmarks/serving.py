@@ -180,10 +180,14 @@ def running_server(overrides: list[str], cwd: Path, env: dict | None = None,
 
 
 def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: int, num_images: int,
-                latency_requests: int) -> list[dict]:
-    """The server's one-client latency and 8-client images/s, and the caption CLI's images/s."""
+                latency_requests: int, label: str = "") -> list[dict]:
+    """The server's one-client latency and 8-client images/s, and the caption CLI's images/s;
+    ``label`` (the model's name) starts the row names."""
+    prefix = f"{label} " if label else ""
     import requests
 
+    workdir = workdir / (label or "server")
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = _save_checkpoint(model, workdir / "server.ckpt")
     rng = np.random.default_rng(0)
     files = []
@@ -200,7 +204,7 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
     if child.returncode != 0:
         raise RuntimeError(f"the caption CLI benchmark failed:\n{child.stderr[-3000:]}")
-    rows = [_row(f"caption CLI offline, beam {BEAM}, batch {SERVER_BATCH}", "caption_images", num_images,
+    rows = [_row(f"{prefix}caption CLI offline, beam {BEAM}, batch {SERVER_BATCH}", "caption_images", num_images,
                  json.loads(child.stdout.strip().splitlines()[-1]), max_len=max_len)]
     overrides = [f"ckpt_path={ckpt}", f"beam={BEAM}", f"max_len={max_len}", f"max_batch_size={SERVER_BATCH}",
                  f"paths.output_root={workdir / 'outputs'}"]
@@ -216,7 +220,7 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
         send(blobs[0])  # warm-up
         latencies = [send(blobs[i % len(blobs)]) for i in range(latency_requests)]
         for q in (50, 95):
-            rows.append({"name": f"server, 1 client, beam {BEAM}, latency p{q}", "group": "serving",
+            rows.append({"name": f"{prefix}server, 1 client, beam {BEAM}, latency p{q}", "group": "serving",
                          "impl": "server", "unit": "ms", "value": 1000 * float(np.percentile(latencies, q)),
                          "requests": latency_requests, "max_len": max_len})
 
@@ -224,7 +228,7 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
             with ThreadPoolExecutor(CLIENTS) as pool:
                 list(pool.map(send, blobs))
 
-        rows.append(_row(f"server, {CLIENTS} clients, beam {BEAM}, batches <= {SERVER_BATCH}", "server",
+        rows.append(_row(f"{prefix}server, {CLIENTS} clients, beam {BEAM}, batches <= {SERVER_BATCH}", "server",
                          num_images, _timed(clients, repeats), max_len=max_len))
         rows[-1]["vs_caption_cli"] = rows[-1]["value"] / rows[0]["value"]
     return rows
@@ -242,9 +246,13 @@ def serving_rows(quick: bool, repeats: int, workdir: Path,
                              batches=(1, 4) if quick else (1, 32))
         if report is not None:
             report(rows[-4:])
-    args, image_size = (QUICK_MODELS["tiny"] if quick else MODELS["quickstart"])
-    rows += server_rows(_model(*args), image_size, workdir, repeats, max_len,
-                        num_images=16 if quick else 64, latency_requests=5 if quick else 30)
+    for name, (args, image_size) in (QUICK_MODELS if quick else MODELS).items():
+        rows += server_rows(_model(*args), image_size, workdir, repeats, max_len,
+                            num_images=16 if quick else 64,
+                            latency_requests=5 if quick else 30 if name == "quickstart" else 10,
+                            label=name)
+        if report is not None:
+            report(rows[-4:])
     return rows
 
 
