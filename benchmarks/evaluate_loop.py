@@ -95,9 +95,7 @@ def data_view(data, folder: Path) -> Path:
 
 def write_checkpoint(sizes, data, folder: Path, path: Path) -> Path:
     """A train.py-style checkpoint of a random-weight model for the benchmark's word map."""
-    import lightning
-
-    from captioner.checkpoints import save_checkpoint
+    from benchmarks.models import save_module_checkpoint
     from captioner.lit_module import CaptioningModule
     from captioner.vocab import WordMap
 
@@ -116,12 +114,7 @@ def write_checkpoint(sizes, data, folder: Path, path: Path) -> Path:
                  "attention_dim": sizes.attention_dim, "dropout": 0.5},
         data={"name": data.name, "fingerprint": None}, word_map=word_map,
         run_config={"data": data_cfg, "task_name": "train"})
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                  "pytorch-lightning_version": lightning.__version__, "epoch": 0,
-                  "global_step": 0}
-    model.on_save_checkpoint(checkpoint)
-    save_checkpoint(checkpoint, path)
-    return path
+    return save_module_checkpoint(model, path)
 
 
 def test_images(data_folder: str | Path, limit: int | None = None) -> torch.Tensor:

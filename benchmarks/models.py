@@ -4,6 +4,7 @@ with random weights, and our training step as Lightning runs it."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,3 +71,18 @@ def build_tutorial(sizes: Sizes, device: torch.device, fine_tune: bool, dropout:
     encoder.to(device)
     decoder.to(device)
     return encoder, decoder, tut.TutorialTrainer(encoder, decoder, fine_tune, device)
+
+
+def save_module_checkpoint(model, path: Path) -> Path:
+    """The checkpoint Lightning's ``ModelCheckpoint`` writes for a ``CaptioningModule``, without a
+    Trainer: its state dict, hyperparameters and ``on_save_checkpoint`` additions (the word map
+    and the run config), written atomically."""
+    import lightning
+
+    from captioner.checkpoints import save_checkpoint
+
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}
+    model.on_save_checkpoint(checkpoint)
+    save_checkpoint(checkpoint, path)
+    return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from benchmarks.models import save_module_checkpoint
+from benchmarks.sizes import REPO_ROOT
+from benchmarks.timing import measure, rate
 
 BEAM = 5
 SERVER_BATCH = 16  # the server's max_batch_size and the CLI's batch_size (both defaults)
@@ -59,7 +62,6 @@ def _model(arch: str, image_size: int, encoded: int, last_stage: int, vocab: int
     return model.eval()
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CLI_CHILD = r"""
 import json, sys
 from pathlib import Path
@@ -75,17 +77,6 @@ print(json.dumps(times))
 """
 
 
-def _save_checkpoint(model, path: Path) -> Path:
-    """The checkpoint Lightning's ``ModelCheckpoint`` writes for this module, without a Trainer."""
-    import lightning as L
-
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                  "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0}
-    model.on_save_checkpoint(checkpoint)  # the word map and the run config
-    torch.save(checkpoint, path)
-    return path
-
-
 MODELS = {  # name -> (model arguments, image side)
     "quickstart": (("resnet18", 64, 4, 3, 60, 128, 256), 64),
     "resnet101": (("resnet101", 256, 14, 4, 10_000, 512, 512), 256),
@@ -94,19 +85,12 @@ QUICK_MODELS = {"tiny": (("resnet18", 64, 4, 3, 60, 32, 32), 64)}
 
 
 def _timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return times
+    """Wall seconds of ``repeats`` calls after one warm-up call (host code: CPU timing)."""
+    return measure(fn, repeats, torch.device("cpu"))
 
 
 def _row(name: str, impl: str, amount: float, times: list[float], unit: str = "images/s", **extra) -> dict:
-    return {"name": name, "group": "serving", "impl": impl, "unit": unit,
-            "value": amount / statistics.median(times), "low": amount / max(times),
-            "high": amount / min(times), "runs": len(times), "times_s": times, **extra}
+    return rate(name, "serving", impl, unit, amount, times, **extra)
 
 
 def backend_rows(name: str, model, image_size: int, workdir: Path, repeats: int, max_len: int,
@@ -188,7 +172,7 @@ def server_rows(model, image_size: int, workdir: Path, repeats: int, max_len: in
 
     workdir = workdir / (label or "server")
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = _save_checkpoint(model, workdir / "server.ckpt")
+    ckpt = save_module_checkpoint(model, workdir / "server.ckpt")
     rng = np.random.default_rng(0)
     files = []
     for i in range(num_images):
