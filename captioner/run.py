@@ -372,13 +372,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
                          "weights: pass init_from=<best.ckpt of a cross-entropy run>, e.g. "
                          "init_from=outputs/train/latest/checkpoints/best.ckpt (or ckpt_path=... to "
                          "resume an SCST run)")
-    for callback in callbacks:
-        monitor = getattr(callback, "monitor", None)
-        expected = "val/cider" if self_critical else "val/bleu4"
-        if monitor in ("val/bleu4", "val/cider") and monitor != expected and rank_zero_only.rank == 0:
-            log.warning("%s monitors %s, but model.objective=%s selects on %s (the LR schedule's); "
-                        "set callbacks.*.monitor=%s", type(callback).__name__, monitor,
-                        cfg.model.get("objective", "xe"), expected, expected)
 
     # SCST rewards each sample against its image's references: the train batches carry them.
     datamodule = instantiate(cfg.data, _convert_="all", **({"train_references": True} if self_critical else {}))
@@ -393,6 +386,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg, word_map, datamodule)
     if cfg.get("init_from"):
         load_weights(model, cfg.init_from)
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor in ("val/bleu4", "val/cider") and monitor != model.monitor and rank_zero_only.rank == 0:
+            log.warning("%s monitors %s, but model.objective=%s selects on %s (the LR schedule's); "
+                        "set callbacks.*.monitor=%s", type(callback).__name__, monitor,
+                        model.objective, model.monitor, model.monitor)
 
     loggers = build_loggers(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
@@ -476,7 +475,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg)
     print(f"Evaluating {ckpt_path} on the {split} split with beam size {cfg.beam}")
-    checkpoint = load_checkpoint(ckpt_path, required=MODEL_KEYS)
+    # Its config only (mapped, not read): the weights are loaded once, by load_from_checkpoint.
+    checkpoint = load_checkpoint(ckpt_path, mmap=True, required=MODEL_KEYS)
     trained_cfg = checkpoint.get("config") or {}
     if "data" not in trained_cfg:
         raise ValueError(f"{ckpt_path} stores no data config, so it was not written by train.py; "
