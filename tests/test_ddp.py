@@ -185,7 +185,7 @@ def test_ddp_scst_val_cider_equals_one_process(ddp_run, tmp_path):
     best = _run_folder(ddp_run) / "checkpoints" / "best.ckpt"
     _run("train.py", tmp_path, [
         "experiment=quickstart_scst", "trainer=ddp_cpu", f"init_from={best}",
-        f"paths.data_dir={ddp_run['data_dir']}", "hydra.run.dir=scst", "data.num_workers=0",
+        f"paths.data_dir={ddp_run['data_dir']}", "hydra.run.dir=scst",  # the shapes loader: 2 persistent workers
         "data.batch_size=8", "data.synthetic.num_train=160", f"data.synthetic.num_val={NUM_EVAL}",
         f"data.synthetic.num_test={NUM_EVAL}", "model.decoder.embed_dim=32", "model.decoder.decoder_dim=32",
         "model.decoder.attention_dim=32", "model.decoder.dropout=0.0", "model.scst.max_len=10",

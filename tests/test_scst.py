@@ -243,7 +243,7 @@ def test_train_references_reach_the_train_batches(scst_run):
     data = dict(dataset="shapes", data_folder=scst_run["root"] / "data" / "shapes" / "prepared",
                 karpathy_json=scst_run["root"] / "data" / "shapes" / "dataset_shapes.json",
                 image_folder=scst_run["root"] / "data" / "shapes", min_word_freq=1, max_len=20,
-                image_size=64, batch_size=4, num_workers=0)
+                image_size=64, batch_size=4, num_workers=2, persistent_workers=True)  # the shapes config's loader
     with_refs = CaptionDataModule(**data, train_references=True)
     with_refs.setup("fit")
     batch = next(iter(with_refs.train_dataloader()))
